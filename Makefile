@@ -1,0 +1,35 @@
+# fewstep — set-up and pipeline targets. `make demo` and `make test` each install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch wheels: on the reference CPU machine these come from local disk; override elsewhere,
+# e.g. `make install TORCH="torch torchvision"`.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install test lint demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m ruff check fewstep tests bench
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check fewstep tests bench
+	$(PY) -m ruff format --check fewstep tests bench
+
+demo: install
+	$(PY) -m fewstep.demo
+
+bench: install
+	$(PY) bench/bench_datamodule.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

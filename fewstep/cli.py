@@ -1,0 +1,71 @@
+"""The ``fewstep`` command: LightningCLI for fit/validate/test/predict, plus tools.
+
+    fewstep fit -c configs/vae/shapes.yaml        # any LightningModule + DataModule
+    fewstep shapes --out runs/demo/shapes         # render + score the shapes world
+    fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+def _tools() -> dict[str, Callable]:
+    from fewstep.tools.shapes_preview import preview
+
+    tools: dict[str, Callable] = {"shapes": preview}
+    try:
+        from fewstep.tools.build_cache import build
+
+        tools["cache"] = build
+    except ImportError:  # pragma: no cover - the cache tool arrives with the cache stage
+        pass
+    return tools
+
+
+TOOL_NAMES = ("shapes", "cache")
+
+
+def run_tool(name: str, args: list[str]) -> object:
+    """Run a non-training tool with jsonargparse (``-c config.yaml`` and flags)."""
+    tool = _tools()[name]
+    parser = ArgumentParser(prog=f"fewstep {name}", description=tool.__doc__)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_function_arguments(tool, as_positional=False)
+    config = parser.instantiate(parser.parse_args(args))
+    config.pop("config", None)
+    result = tool(**vars(config))
+    if isinstance(result, dict):
+        import json
+
+        print(json.dumps(result, indent=2))
+    return result
+
+
+class FewstepCLI(LightningCLI):
+    """LightningCLI in subclass mode; configs are saved with each run (overwritten on resume)."""
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``fewstep`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in TOOL_NAMES:
+        run_tool(argv[0], argv[1:])
+        return
+    FewstepCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

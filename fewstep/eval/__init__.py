@@ -1,0 +1,1 @@
+"""Evaluation: the GenEval-protocol shapes scorer, metrics, latency and reports."""

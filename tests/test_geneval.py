@@ -1,0 +1,122 @@
+"""The GenEval-protocol scorer must be trustworthy: the accuracy bars of issue 2."""
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.data.prompts import CATEGORIES, caption_of, minimal_alterations, spec_of
+from fewstep.data.shapes import ShapesWorld
+from fewstep.eval.detect import Detection, detect_objects
+from fewstep.eval.geneval import (
+    GenEvalReport,
+    ShapesGenEval,
+    evaluate,
+    judge,
+    relative_position,
+    score_image,
+)
+from fewstep.tools.shapes_preview import score_renders
+
+N = 240  # 40 per category on average
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+def test_clean_renders_at_least_99_percent_every_category(resolution):
+    report = score_renders(ShapesWorld(size=N, resolution=resolution, seed=11), N, False)
+    assert set(report.per_category) == set(CATEGORIES)
+    assert min(report.per_category.values()) >= 0.99, report.table()
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_degraded_renders_at_least_95_percent_every_category(resolution):
+    report = score_renders(ShapesWorld(size=N, resolution=resolution, seed=12), N, True)
+    assert min(report.per_category.values()) >= 0.95, report.table()
+
+
+def test_degraded_32px_is_reported_and_above_chance():
+    report = score_renders(ShapesWorld(size=N, resolution=32, seed=12), N, True)
+    print("\n32 px blur+noise:\n" + report.table())
+    assert report.overall > 0.6
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_minimally_altered_captions_are_rejected(resolution):
+    world = ShapesWorld(size=150, resolution=resolution, seed=13)
+    rng = np.random.default_rng(0)
+    rejected = []
+    for i in range(150):
+        image, spec, _ = world.render(i)
+        alterations = minimal_alterations(spec)
+        assert alterations, spec
+        wrong = alterations[rng.integers(len(alterations))]
+        rejected.append(not score_image(image, caption_of(wrong))[0])
+    assert np.mean(rejected) >= 0.97
+
+
+def test_alterations_change_exactly_one_thing():
+    spec = spec_of("a photo of a red circle and a blue square")
+    for alt in minimal_alterations(spec):
+        diffs = sum(a != b for a, b in zip(alt["objects"], spec["objects"], strict=True))
+        assert diffs == 1
+
+
+def test_caption_spec_round_trip_all_categories():
+    world = ShapesWorld(size=120, resolution=32, seed=4)
+    for i in range(120):
+        spec = world.render(i)[1]
+        assert spec_of(caption_of(spec)) == spec
+
+
+def test_unparseable_caption_is_a_clear_error():
+    with pytest.raises(ValueError, match="a photo of"):
+        spec_of("an image of a dog")
+    with pytest.raises(ValueError, match="unknown shape"):
+        spec_of("a photo of a dog")
+
+
+def test_blank_image_fails_every_prompt():
+    blank = np.full((64, 64, 3), 0.5, np.float32)
+    assert detect_objects(blank) == []
+    ok, reason = score_image(blank, "a photo of a circle")
+    assert not ok and "found 0" in reason
+
+
+def _det(shape, x, y, size=10.0):
+    box = (x - size / 2, y - size / 2, x + size / 2, y + size / 2)
+    return Detection(shape, "red", size * size, x, y, box, 1.0, 0.0)
+
+
+def test_relative_position_follows_geneval_margin():
+    assert relative_position(_det("circle", 10, 50), _det("square", 50, 50)) == {"left of"}
+    assert relative_position(_det("circle", 50, 90), _det("square", 50, 50)) == {"below"}
+    # offsets inside the margin (0.1 x summed box sizes) give no relation
+    assert relative_position(_det("circle", 51, 50), _det("square", 50, 50)) == set()
+
+
+def test_counting_requires_exact_count_and_extra_objects_do_not_hurt_others():
+    dets = [_det("square", 10, 10), _det("square", 40, 40), _det("square", 70, 70)]
+    assert judge(dets, spec_of("a photo of three squares"))[0]
+    assert not judge(dets, spec_of("a photo of two squares"))[0]
+    assert judge(dets, spec_of("a photo of a square"))[0]  # GenEval: at least one
+
+
+def test_report_and_metric_agree():
+    world = ShapesWorld(size=30, resolution=32, seed=5)
+    samples = [world[i] for i in range(30)]
+    # corrupt a third of the images so that scores are not all ones
+    images = torch.stack([s["image"] if i % 3 else -torch.ones(3, 32, 32) for i, s in
+                          enumerate(samples)])
+    metric = ShapesGenEval()
+    metric.update(images[:15], [s["caption"] for s in samples[:15]])
+    metric.update(images[15:], [s["metadata"]["spec"] for s in samples[15:]])
+    result = metric.compute()
+    report = evaluate(
+        [((im + 1) / 2).permute(1, 2, 0).numpy() for im in images],
+        [s["caption"] for s in samples],
+    )
+    assert isinstance(report, GenEvalReport)
+    assert 0 < report.overall < 1
+    assert result["overall"].item() == pytest.approx(report.overall)
+    for category, acc in report.per_category.items():
+        assert result[category].item() == pytest.approx(acc)
+    assert "overall" in report.table()
