@@ -18,12 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m ruff check fewstep tests bench
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check fewstep tests bench
-	$(PY) -m ruff format --check fewstep tests bench
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: install
 	$(PY) -m fewstep.demo
