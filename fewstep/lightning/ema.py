@@ -1,0 +1,162 @@
+"""Exponential moving average of a network's weights (Polyak & Juditsky 1992), as a callback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+
+
+class EMA(pl.Callback):
+    """Keeps ema <- decay * ema + (1 - decay) * param for the trainable floating-point parameters
+    of ``getattr(pl_module, attribute)``; swaps the average in for validation, checkpoints it."""
+
+    def __init__(self, decay: float = 0.999, update_every: int = 1, attribute: str = "ema_target"):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if update_every < 1:
+            raise ValueError(f"EMA update_every must be >= 1, got {update_every}")
+        self.decay, self.update_every, self.attribute = decay, update_every, attribute
+        self.names: list[str] = []
+        self.shadow: list[Tensor] = []
+        self.num_updates = 0
+        self._steps_seen = 0
+        self._last_global_step = -1
+        self._loaded: dict[str, Any] | None = None
+        self._backup: list[Tensor] | None = None
+
+    def target(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The network being averaged."""
+        module = getattr(pl_module, self.attribute, None)
+        if not isinstance(module, nn.Module):
+            raise AttributeError(
+                f"EMA(attribute={self.attribute!r}): {type(pl_module).__name__} has no nn.Module "
+                f"attribute {self.attribute!r}; set EMA.attribute to the network to average."
+            )
+        return module
+
+    def _params(self, pl_module: pl.LightningModule) -> list[Tensor]:
+        """The averaged parameters, in ``self.names`` order."""
+        params = dict(self.target(pl_module).named_parameters())
+        return [params[name] for name in self.names]
+
+    def _ensure_ready(self, pl_module: pl.LightningModule) -> bool:
+        """Build the shadow copy (from a loaded checkpoint state if any); False if impossible."""
+        if self.shadow:
+            return True
+        if self._loaded is None and pl_module.trainer.state.fn != TrainerFn.FITTING:
+            return False  # validate/test without a fitted or loaded average: nothing to swap
+        named = [
+            (n, p)
+            for n, p in self.target(pl_module).named_parameters()
+            if p.requires_grad and p.is_floating_point()
+        ]
+        self.names = [n for n, _ in named]
+        if self._loaded is not None:
+            saved = self._loaded["shadow"]
+            missing = [n for n in self.names if n not in saved]
+            if missing:
+                raise KeyError(f"EMA checkpoint state lacks parameters {missing[:5]}")
+            self.shadow = [saved[n].to(p.device, p.dtype).clone() for n, p in named]
+            self._loaded = None
+        else:
+            self.shadow = [p.detach().clone() for _, p in named]
+        return True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Initialise the average from the current weights, or from the resumed checkpoint."""
+        self._ensure_ready(pl_module)
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Update after every ``update_every``-th batch that stepped an optimiser."""
+        if trainer.global_step == self._last_global_step:  # gradient accumulation: no step
+            return
+        self._last_global_step = trainer.global_step
+        self._steps_seen += 1
+        if self._steps_seen % self.update_every == 0:
+            self.update(pl_module)
+
+    @torch.no_grad()
+    def update(self, pl_module: pl.LightningModule) -> None:
+        """One EMA step: ema = lerp(ema, param, 1 - decay)."""
+        self._ensure_ready(pl_module)
+        torch._foreach_lerp_(self.shadow, self._params(pl_module), 1.0 - self.decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def swap_in(self, pl_module: pl.LightningModule) -> None:
+        """Back up the training weights and load the averaged ones."""
+        if self._backup is not None or not self._ensure_ready(pl_module):
+            return
+        params = self._params(pl_module)
+        self._backup = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, self.shadow)
+
+    @torch.no_grad()
+    def swap_out(self, pl_module: pl.LightningModule) -> None:
+        """Restore the training weights saved by ``swap_in``."""
+        if self._backup is None:
+            return
+        torch._foreach_copy_(self._params(pl_module), self._backup)
+        self._backup = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validate with the averaged weights."""
+        self.swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Back to the training weights (before ModelCheckpoint, which Lightning runs last)."""
+        self.swap_out(pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Never leave the averaged weights in place of the training weights."""
+        self.swap_out(pl_module)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Copy the averaged weights into ``module`` (the target network or a copy of it)."""
+        if not self.shadow and self._loaded is None:
+            raise RuntimeError("EMA.copy_to: no average yet (train, or load a checkpoint first)")
+        params = dict(module.named_parameters())
+        saved = (
+            self._loaded["shadow"]
+            if not self.shadow
+            else dict(zip(self.names, self.shadow, strict=True))
+        )
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Averaged weights by name plus counters, stored in the Lightning checkpoint."""
+        if self._loaded is not None and not self.shadow:
+            return self._loaded
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "steps_seen": self._steps_seen,
+            "shadow": {
+                n: t.detach().to("cpu", copy=True)
+                for n, t in zip(self.names, self.shadow, strict=True)
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore on resume; tensors move to the parameters' device at fit start."""
+        self._loaded = state_dict
+        self.num_updates = int(state_dict.get("num_updates", 0))
+        self._steps_seen = int(state_dict.get("steps_seen", 0))
+        self.names, self.shadow = [], []
