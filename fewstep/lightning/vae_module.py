@@ -187,6 +187,7 @@ class VAEModule(pl.LightningModule):
             return
         if self.generator_steps == 0 and self.vae.has_latent_scale:
             return  # nothing trained: keep an imported VAE's own scale
+        self._use_ema_weights()
         scale, shift = self.vae.measure_latent_scale(
             self._scale_batches(), hp.measure_scale_batches, with_shift=hp.measure_shift
         )
@@ -199,6 +200,14 @@ class VAEModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 self.vae.save_pretrained(Path(hp.export_dir))
             self.trainer.strategy.barrier("vae_export")
+
+    def _use_ema_weights(self) -> None:
+        """At fit end the exported VAE is the EMA average, when an EMA callback is used."""
+        from fewstep.lightning.ema import EMA
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EMA):
+                callback.copy_to(self.vae)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen perceptual network (rebuilt from config); keep the step counter."""

@@ -1,0 +1,300 @@
+"""CachedLatentDataModule: batches of normalised latents and padded text from a latent cache.
+
+A batch is ``{"latents": [B,C,h,w] float32, "text": [B,L,D] float32 (zero padded),
+"text_mask": [B,L] bool, "caption": list[str], "metadata": list[dict], "index": [B] long}``
+where ``latents = (z - shift_factor) * scaling_factor`` and ``z`` is the posterior mean (or a
+posterior sample with ``sample_posterior``). Whole batches are read at once (``__getitems__``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from fewstep.data.cache import LatentCache, Verify, check_fingerprint
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uninitialised tensor, in shared memory inside a DataLoader worker (as default_collate)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).view(shape)
+
+
+def pad_texts(texts: Sequence[np.ndarray], dim: int) -> tuple[Tensor, Tensor]:
+    """Stack [L_i, D] token arrays into a zero-padded float32 [B, L, D] and a [B, L] mask."""
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    width = max(int(lengths.max(initial=0)), 1)
+    padded = np.zeros((len(texts), width, dim), texts[0].dtype if len(texts) else np.float32)
+    for row, tokens in zip(padded, texts, strict=True):
+        row[: len(tokens)] = tokens
+    mask = np.arange(width)[None, :] < lengths[:, None]  # [B, L]
+    return _empty(padded.shape).copy_(torch.from_numpy(padded)), torch.from_numpy(mask)
+
+
+def collate(batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """Pass through a batch from ``__getitems__``; pad and stack a list of single samples."""
+    if isinstance(batch, dict):
+        return batch
+    text, mask = pad_texts([s["text"].numpy() for s in batch], batch[0]["text"].shape[-1])
+    return {
+        "latents": torch.stack([s["latents"] for s in batch]),
+        "text": text,
+        "text_mask": mask,
+        "caption": [s["caption"] for s in batch],
+        "metadata": [s["metadata"] for s in batch],
+        "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),
+    }
+
+
+class CachedLatentDataset(Dataset):
+    """Map-style view of (a subset of) a latent cache, with CFG text dropout and normalisation."""
+
+    def __init__(
+        self,
+        cache: LatentCache,
+        indices: Sequence[int] | None = None,
+        text_dropout: float = 0.0,
+        sample_posterior: bool = False,
+        max_text_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cache = cache
+        self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
+        self.text_dropout = text_dropout
+        self.sample_posterior = sample_posterior
+        self.max_text_length = max_text_length
+        self.seed = seed
+        self.null = cache.null_text()[:max_text_length]
+        self._gen: torch.Generator | None = None
+        self._gen_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_gen": None, "_gen_pid": -1}
+
+    def _generator(self) -> torch.Generator:
+        """This process's RNG (DataLoader workers get distinct seeds via torch.initial_seed)."""
+        if self._gen is None or self._gen_pid != os.getpid():
+            seed = (self.seed * 1_000_003 + torch.initial_seed()) % 2**63
+            self._gen, self._gen_pid = torch.Generator().manual_seed(seed), os.getpid()
+        return self._gen
+
+    def _latents(self, mean: np.ndarray, std: np.ndarray) -> Tensor:
+        """Normalised latents (z - shift) * scale, z = mean (+ std * noise if sampling)."""
+        z = _empty(mean.shape).copy_(torch.from_numpy(mean))
+        if self.sample_posterior:
+            noise = torch.randn(z.shape, generator=self._generator())
+            z.addcmul_(torch.from_numpy(std).float(), noise)
+        return z.sub_(self.cache.shift_factor).mul_(self.cache.scaling_factor)
+
+    def _texts(self, cache_indices: np.ndarray) -> list[np.ndarray]:
+        """Valid tokens per sample, replaced by the null embedding with prob. text_dropout."""
+        texts = [t[: self.max_text_length] for t in self.cache.read_texts(cache_indices)]
+        if self.text_dropout > 0:
+            drop = torch.rand(len(texts), generator=self._generator()) < self.text_dropout
+            texts = [self.null if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
+        return texts
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.indices[i]
+        record = self.cache.read_records([index])[0]
+        return {
+            "latents": self._latents(*self.cache.read_latents([index]))[0],
+            "text": torch.from_numpy(np.array(self._texts(np.array([index]))[0])).float(),
+            "caption": record["caption"],
+            "metadata": record["metadata"],
+            "index": int(index),
+        }
+
+    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
+        """A whole collated batch, read with one fancy-indexed memmap access per shard."""
+        indices = self.indices[np.asarray(positions, dtype=np.int64)]
+        text, mask = pad_texts(self._texts(indices), self.cache.text_dim)
+        records = self.cache.read_records(indices)
+        return {
+            "latents": self._latents(*self.cache.read_latents(indices)),
+            "text": text,
+            "text_mask": mask,
+            "caption": [r["caption"] for r in records],
+            "metadata": [r["metadata"] for r in records],
+            "index": torch.from_numpy(indices.astype(np.int64)),
+        }
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random (train, val) split of range(n); both sorted."""
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class CachedLatentDataModule(pl.LightningDataModule):
+    """Train/val loaders over a latent cache (built by ``cache_builder.build_cache``).
+
+    ``text_dropout`` replaces a training sample's text by the null embedding (CFG training).
+    ``expect_vae``/``expect_text`` are the configured encoders' fingerprints; a cache built
+    with others is refused. ``verify``: see :class:`~fewstep.data.cache.LatentCache`. Under DDP,
+    Lightning swaps in a DistributedSampler. Reading cached latents is cheap, so
+    ``num_workers=0`` is often fastest (workers pay for sending each batch between processes).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.0,
+        val_path: str | None = None,
+        text_dropout: float = 0.1,
+        sample_posterior: bool = False,
+        verify: Verify = "first",
+        seed: int = 0,
+        drop_last: bool = True,
+        max_text_length: int | None = None,
+        expect_vae: dict[str, str] | None = None,
+        expect_text: dict[str, str] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_args(batch_size, num_workers, val_fraction, val_path, text_dropout, max_text_length)
+        self.save_hyperparameters()
+        self.path, self.val_path = path, val_path
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.val_fraction, self.text_dropout = val_fraction, text_dropout
+        self.sample_posterior, self.verify, self.seed = sample_posterior, verify, seed
+        self.drop_last, self.max_text_length = drop_last, max_text_length
+        self.expect_vae, self.expect_text = expect_vae, expect_text
+        self._cache: LatentCache | None = None
+        self.train_dataset: CachedLatentDataset | None = None
+        self.val_dataset: CachedLatentDataset | None = None
+
+    @property
+    def cache(self) -> LatentCache:
+        """The training cache, opened (and verified) on first use."""
+        if self._cache is None:
+            self._cache = LatentCache(self.path, self.verify, self.expect_vae, self.expect_text)
+        return self._cache
+
+    @property
+    def scaling_factor(self) -> float:
+        """VAE scaling factor the latents were normalised with."""
+        return self.cache.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        """VAE shift factor the latents were normalised with."""
+        return self.cache.shift_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, h, w) of one latent."""
+        return self.cache.latent_shape
+
+    @property
+    def text_dim(self) -> int:
+        """Width D of the text embeddings."""
+        return self.cache.text_dim
+
+    def null_text(self) -> tuple[Tensor, Tensor]:
+        """The null (empty-caption) embedding [1, L0, D] float32 and its mask [1, L0]."""
+        text, mask = pad_texts([self.cache.null_text()[: self.max_text_length]], self.text_dim)
+        return text, mask
+
+    def check_encoders(
+        self, vae: dict[str, str] | None = None, text: dict[str, str] | None = None
+    ) -> None:
+        """Raise if the cache was built with encoders other than these fingerprints."""
+        check_fingerprint(self.cache.root, self.cache.manifest, "vae", vae)
+        check_fingerprint(self.cache.root, self.cache.manifest, "text_encoder", text)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open and verify the cache(s) and split train/val (idempotent)."""
+        if self.train_dataset is not None:
+            return
+        cache, val_cache = self.cache, self._open_val_cache()
+        train_idx, val_idx = split_indices(len(cache), self.val_fraction, self.seed)
+        opts = {"max_text_length": self.max_text_length, "seed": self.seed}
+        self.train_dataset = CachedLatentDataset(
+            cache, train_idx, self.text_dropout, self.sample_posterior, **opts
+        )
+        if val_cache is not None:
+            self.val_dataset = CachedLatentDataset(val_cache, **opts)
+        elif len(val_idx):
+            self.val_dataset = CachedLatentDataset(cache, val_idx, **opts)
+
+    def _open_val_cache(self) -> LatentCache | None:
+        """The separate validation cache, checked to match the training cache's encoders."""
+        if self.val_path is None:
+            return None
+        fps = [self.cache.manifest[k]["fingerprint"] for k in ("vae", "text_encoder")]
+        val = LatentCache(self.val_path, self.verify, *fps)
+        if (val.latent_shape, val.text_dim) != (self.latent_shape, self.text_dim):
+            raise ValueError(
+                f"val_path {self.val_path}: latents {val.latent_shape}, text dim {val.text_dim}; "
+                f"{self.path} has {self.latent_shape}, {self.text_dim}"
+            )
+        return val
+
+    def _loader(self, dataset: CachedLatentDataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,  # workers keep open, verified shards
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (CFG text dropout, optional posterior sampling)."""
+        self.setup("fit")
+        if self.drop_last and len(self.train_dataset) < self.batch_size:
+            raise ValueError(
+                f"CachedLatentDataModule: batch_size={self.batch_size} exceeds the "
+                f"{len(self.train_dataset)} training samples of {self.path}; lower batch_size "
+                "or set drop_last=False"
+            )
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in cache order (posterior mean, no dropout); [] if none."""
+        self.setup("validate")
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)
+
+
+def _check_args(
+    batch_size: int,
+    num_workers: int,
+    val_fraction: float,
+    val_path: str | None,
+    text_dropout: float,
+    max_text_length: int | None,
+) -> None:
+    """Reject bad CachedLatentDataModule arguments, naming the field."""
+    problems = {
+        "batch_size must be >= 1": batch_size < 1,
+        "num_workers must be >= 0": num_workers < 0,
+        "val_fraction must be in [0, 1)": not 0 <= val_fraction < 1,
+        "give val_fraction or val_path, not both": val_fraction > 0 and val_path is not None,
+        "text_dropout must be in [0, 1]": not 0 <= text_dropout <= 1,
+        "max_text_length must be >= 1": max_text_length is not None and max_text_length < 1,
+    }
+    for message, bad in problems.items():
+        if bad:
+            raise ValueError(f"CachedLatentDataModule: {message}")
