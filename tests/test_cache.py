@@ -260,7 +260,8 @@ def test_image_folder_with_workers_and_progress(
     assert LatentCache(out)[5]["caption"] == shapes(6)[5]["caption"]
 
 
-def _ddp_build(rank: int, out: Path, rendezvous: str) -> None:
+def _ddp_build(rank: int, out: Path, rendezvous: str, threads: int) -> None:
+    torch.set_num_threads(threads)  # as the parent, so float reductions match bit for bit
     torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         build(out)
@@ -271,7 +272,7 @@ def _ddp_build(rank: int, out: Path, rendezvous: str) -> None:
 def test_ddp_build_with_torch_distributed(built: Path, tmp_path: Path) -> None:
     out, rendezvous = tmp_path / "ddp", f"file://{tmp_path / 'rendezvous'}"
     torch.multiprocessing.start_processes(
-        _ddp_build, args=(out, rendezvous), nprocs=2, start_method="spawn"
+        _ddp_build, args=(out, rendezvous, torch.get_num_threads()), nprocs=2, start_method="spawn"
     )
     assert tree(out) == tree(built)
 

@@ -3,14 +3,18 @@
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from fewstep.cli import main
 from fewstep.data.cache import read_manifest
+from fewstep.models.dit import DiT
 from fewstep.models.vae import VAE
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # configs/model/dit/*.yaml are network presets, instantiated in tests/test_dit.py.
-RUNNERS = {"shapes", "vae", "cache", "model"}
+LATENT_CHANNELS = 8  # as configs/vae/shapes.yaml
+RUNNERS = {"shapes", "vae", "cache", "model", "teacher"}
 
 
 def yamls(stage: str) -> list[Path]:
@@ -19,13 +23,13 @@ def yamls(stage: str) -> list[Path]:
 
 def test_every_config_folder_has_a_runner():
     stages = {p.relative_to(CONFIGS).parts[0] for p in CONFIGS.rglob("*.yaml")}
-    assert stages <= RUNNERS | {"teacher"}, stages - RUNNERS
+    assert stages <= RUNNERS, stages - RUNNERS
 
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("vae")
-    vae = VAE(block_out_channels=(8, 16, 16), norm_num_groups=4)
+    vae = VAE(block_out_channels=(8, 16, 16), norm_num_groups=4, latent_channels=LATENT_CHANNELS)
     vae.set_latent_scale(0.5, 0.0)
     vae.save_pretrained(folder)
     return folder
@@ -58,3 +62,58 @@ def test_cache_configs(path, tmp_path, tiny_vae_dir):
           "--dataset.init_args.size=10", "--shard_size=4", "--batch_size=4"])
     manifest = read_manifest(out)
     assert manifest["num_samples"] == 10 and len(manifest["shards"]) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory, tiny_vae_dir) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    main(["cache", "-c", str(CONFIGS / "cache/shapes.yaml"), "--out", str(out), "--device=cpu",
+          "--vae.init_args.pretrained_path", str(tiny_vae_dir), "--dataset.init_args.size=48",
+          "--shard_size=24", "--batch_size=24"])
+    return out
+
+
+CPU_TEACHERS = [p for p in yamls("teacher") if "xl2" not in p.name]
+
+
+def cpu_sized(path: Path, tmp_path: Path) -> Path:
+    """A copy of ``path`` whose CFG-evaluation callback draws 2 prompts at 2 steps (CPU tests)."""
+    config = yaml.safe_load(path.read_text())
+    for callback in config["trainer"].get("callbacks", []):
+        if callback["class_path"].endswith("CFGEvalCallback"):
+            args = callback.setdefault("init_args", {})
+            args.update(num_prompts=2, steps=[2], guidance_scales=args["guidance_scales"][:2])
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(config))
+    return copy
+
+
+@pytest.mark.parametrize("path", CPU_TEACHERS, ids=lambda p: p.name)
+def test_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache, tiny_vae_dir):
+    common = ["-c", str(cpu_sized(path, tmp_path)), "--trainer.accelerator=cpu",
+              "--trainer.precision=32-true",
+              "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--data.init_args.path", str(tiny_cache), "--data.init_args.batch_size=8",
+              "--data.init_args.val_fraction=0.25", "--model.init_args.vae_path",
+              str(tiny_vae_dir), "--model.init_args.val_num_samples=4",
+              "--model.init_args.sampler.init_args.steps=2", "--data.init_args.num_workers=0"]
+    main(["fit", *common, "--trainer.fast_dev_run=true"])
+    main(["validate", *common, "--trainer.limit_val_batches=1"])
+
+
+def test_xl2_teacher_config_parses_and_builds_exact_size(capsys):
+    from jsonargparse import ArgumentParser
+
+    path = CONFIGS / "teacher/pixart_sigma_xl2.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "hidden_size: 1152" in printed and "FSDPStrategy" in printed
+    network = yaml.safe_load(path.read_text())["model"]["init_args"]["network"]
+    parser = ArgumentParser()
+    parser.add_argument("--net", type=DiT)
+    with torch.device("meta"):
+        net = parser.instantiate(parser.parse_object({"net": network})).net
+    assert 600e6 < sum(p.numel() for p in net.parameters()) < 620e6

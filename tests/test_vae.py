@@ -256,3 +256,60 @@ def test_perceptual_weights_are_not_checkpointed_and_checkpoint_reloads(tmp_path
     fresh.load_state_dict(ckpt["state_dict"])  # strict
     assert torch.equal(fresh.vae.scaling_factor, module.vae.scaling_factor)
     assert fresh.generator_steps == 2
+
+
+def test_train_crop_is_a_step_seeded_window():
+    module = VAEModule(VAE(**TINY), train_crop=16)
+    images = squares(2)
+    first = module._random_crop(images)
+    assert first.shape == (2, 3, 16, 16)
+    assert torch.equal(first, module._random_crop(images))  # same step, same window (resume)
+    windows = set()
+    for step in range(8):
+        module.generator_steps = step
+        crop = module._random_crop(images)
+        matches = [
+            (y, x)
+            for y in range(17)
+            for x in range(17)
+            if torch.equal(crop, images[..., y : y + 16, x : x + 16])
+        ]
+        assert matches, "the crop is a window of the input"
+        windows.add(matches[0])
+    assert len(windows) > 1  # the window moves with the step
+    assert VAEModule(VAE(**TINY), train_crop=64)._random_crop(images) is images
+
+
+@pytest.mark.parametrize("sample_posterior", [True, False])
+def test_posterior_sampling_switch(sample_posterior, monkeypatch):
+    torch.manual_seed(0)
+    module = VAEModule(VAE(**TINY), sample_posterior=sample_posterior)
+    encoded: list[torch.Tensor] = []
+    decoded: list[torch.Tensor] = []
+    encode, decode = module.vae.encode_moments, module.vae.decode_raw
+    monkeypatch.setattr(module.vae, "encode_moments", lambda x: encoded.append(encode(x)[0]) or
+                        (encoded[-1], torch.full_like(encoded[-1], 0.5)))
+    monkeypatch.setattr(module.vae, "decode_raw", lambda z: decoded.append(z) or decode(z))
+    trainer(1).fit(module, loader(4, 4))
+    assert len(decoded) == 1
+    noise = (decoded[0] - encoded[0]) / 0.5
+    if sample_posterior:
+        assert 0.8 < noise.std().item() < 1.2  # z = mean + std * eps, eps ~ N(0, 1)
+    else:
+        assert torch.equal(decoded[0], encoded[0])  # z = mean
+
+
+def test_fit_end_exports_the_ema_average(tmp_path):
+    from fewstep.lightning.ema import EMA
+
+    torch.manual_seed(0)
+    module = VAEModule(VAE(**TINY), measure_scale_batches=1, export_dir=str(tmp_path / "vae"))
+    ema = EMA(decay=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(5, callbacks=[ema]).fit(module, loader(4, 4))
+    exported = VAE.from_pretrained(tmp_path / "vae")
+    average = dict(zip(ema.names, ema.shadow, strict=True))
+    for name, param in exported.named_parameters():
+        if name in average:
+            assert torch.equal(param, average[name]), name

@@ -1,0 +1,237 @@
+"""Training the latent DiT teacher with a diffusion objective (PixArt-α §2.4; flow matching,
+Lipman et al. 2023) and validating it with the GenEval-protocol shapes scorer."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.losses import diffusion_loss
+from fewstep.diffusion.parameterization import PredictionType
+from fewstep.diffusion.samplers import DDIM, Sampler
+from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
+from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler, UniformDiscrete
+from fewstep.eval.geneval import ShapesGenEval
+from fewstep.lightning.sampling import (
+    NullText,
+    datamodule_null_text,
+    fixed_noise,
+    generate,
+    mix_seed,
+)
+from fewstep.models.dit import DiT
+from fewstep.models.vae import VAE
+
+
+def default_optimizer(params: Iterable[Any]) -> Optimizer:
+    """AdamW with lr 1e-4 and no weight decay (PixArt-α §3.1 uses AdamW, lr 2e-5 at scale)."""
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+def default_timestep_sampler(process: NoiseProcess) -> TimestepSampler:
+    """Uniform discrete t for DDPM (Ho et al. 2020), logit-normal for flows (SD3 §3.1)."""
+    if isinstance(process, DiscreteDDPM):
+        return UniformDiscrete(process.num_train_timesteps)
+    if isinstance(process, RectifiedFlow):
+        return LogitNormal()
+    raise ValueError(
+        f"TeacherModule: no default timestep_sampler for {type(process).__name__}; "
+        "set model.init_args.timestep_sampler."
+    )
+
+
+def specs_of(metadata: list[Any]) -> list[dict | None]:
+    """The shapes-world spec of each sample's metadata, or None where there is none."""
+    return [m.get("spec") if isinstance(m, dict) else None for m in metadata]
+
+
+class TeacherModule(pl.LightningModule):
+    """Trains ``network`` to predict ``prediction`` on ``process`` (automatic optimisation, so
+    Trainer's gradient_clip_val applies); the EMA callback averages ``ema_target``. With learned
+    sigma only the first C output channels are trained (no VLB term)."""
+
+    def __init__(
+        self,
+        network: DiT,
+        process: NoiseProcess,
+        prediction: PredictionType = "epsilon",
+        timestep_sampler: TimestepSampler | None = None,
+        sampler: Sampler | None = None,
+        guidance_scale: float = 4.5,
+        vae_path: str | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        val_num_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        objects = ["network", "process", "timestep_sampler", "sampler"]
+        self.save_hyperparameters(ignore=[*objects, "optimizer", "lr_scheduler"])
+        if val_num_samples < 0:
+            raise ValueError(f"TeacherModule: val_num_samples must be >= 0, got {val_num_samples}")
+        self.network = network
+        self.process, self.prediction = process, prediction
+        self.timestep_sampler = timestep_sampler or default_timestep_sampler(process)
+        self.sampler = sampler if sampler is not None else DDIM(steps=20)  # validation sampler
+        self.guidance_scale, self.vae_path = guidance_scale, vae_path
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.val_num_samples, self.seed = val_num_samples, seed
+        self.val_geneval = ShapesGenEval()
+        self._frozen: dict[str, VAE] = {}  # unregistered: never saved, optimised or EMA'd
+        self._null_text: NullText | None = None
+        self._val_scored = 0
+
+    @property
+    def ema_target(self) -> DiT:
+        """The network the EMA callback averages."""
+        return self.network
+
+    @property
+    def learned_sigma(self) -> bool:
+        """Whether the network also outputs variance channels."""
+        return bool(getattr(self.network, "learn_sigma", False))
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The network as a denoiser (built per call: strategies may rewrap ``network``)."""
+        return Denoiser(self.network, self.process, self.prediction, self.learned_sigma)
+
+    @property
+    def vae(self) -> VAE | None:
+        """The frozen VAE from ``vae_path`` (loaded once, on this module's device), or None."""
+        if self.vae_path is None:
+            return None
+        if "vae" not in self._frozen:
+            try:
+                vae = VAE.from_pretrained(self.vae_path)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"TeacherModule vae_path: {err}") from None
+            self._frozen["vae"] = vae.requires_grad_(False).eval()
+        return self._frozen["vae"].to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Load the VAE early so a bad ``vae_path`` fails before training starts."""
+        _ = self.vae
+
+    def null_text(self) -> NullText | None:
+        """The empty-caption embedding for CFG, from the datamodule (cached)."""
+        if self._null_text is None and self._trainer is not None:
+            self._null_text = datamodule_null_text(self.trainer.datamodule)
+        return self._null_text
+
+    def decode(self, latents: Tensor) -> Tensor | None:
+        """Normalised latents -> images [B, 3, H, W] in [-1, 1], or None without a VAE."""
+        vae = self.vae
+        if vae is None:
+            return None
+        dtype = next(vae.parameters()).dtype
+        return vae.decode(latents.to(dtype)).float().clamp(-1, 1)
+
+    def sample_latents(
+        self,
+        text: Tensor,
+        text_mask: Tensor,
+        noise: Tensor,
+        guidance_scale: float | None = None,
+        sampler: Sampler | None = None,
+    ) -> Tensor:
+        """Guided samples from ``noise`` (defaults: the configured sampler and scale)."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        return generate(
+            self.network,
+            self.process,
+            self.prediction,
+            self.learned_sigma,
+            sampler or self.sampler,
+            text,
+            text_mask,
+            self.null_text() if scale != 1.0 else None,
+            scale,
+            noise,
+        )
+
+    def sampler_with_steps(self, steps: int) -> Sampler:
+        """A copy of the validation sampler with another step count."""
+        sampler = copy.copy(self.sampler)
+        sampler.steps = steps
+        return sampler
+
+    def _loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
+        """Diffusion loss with t and noise drawn from ``generator``."""
+        x0 = batch["latents"]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        t = self.timestep_sampler(x0.shape[0], device=x0.device, generator=generator)
+        cond = {"text": batch["text"], "text_mask": batch["text_mask"].bool()}
+        return diffusion_loss(self.denoiser, x0, noise.to(x0.dtype), t, **cond)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One step; noise and t come from (seed, global_step, rank), so resume is exact."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        seed = mix_seed(self.seed, self.global_step, self.global_rank, micro)
+        generator = torch.Generator(device=batch["latents"].device).manual_seed(seed)
+        loss = self._loss(batch, generator)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the per-epoch GenEval sample budget."""
+        self._val_scored = 0
+        self.val_geneval.reset()
+
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Loss at fixed (t, noise) per batch, and GenEval scores of guided samples."""
+        device = batch["latents"].device
+        generator = torch.Generator(device=device).manual_seed(
+            mix_seed(self.seed, 1 << 40, dataloader_idx, batch_idx)
+        )
+        loss = self._loss(batch, generator)
+        self.log("val/loss", loss, batch_size=batch["latents"].shape[0], sync_dist=True)
+        self._score(batch)
+
+    def _score(self, batch: dict[str, Any]) -> None:
+        """Sample, decode and score the batch's shapes-world rows, up to ``val_num_samples``."""
+        budget = self.val_num_samples - self._val_scored
+        specs = specs_of(batch["metadata"])
+        rows = [i for i, s in enumerate(specs) if s is not None][: max(budget, 0)]
+        if not rows or self.vae_path is None:
+            return
+        x0 = batch["latents"]
+        noise = fixed_noise(x0.shape[1:], batch["index"][rows].tolist(), self.seed, x0.device)
+        latents = self.sample_latents(batch["text"][rows], batch["text_mask"][rows], noise)
+        self.val_geneval.update(self.decode(latents), [specs[i] for i in rows])
+        self._val_scored += len(rows)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/geneval/<category>``, ``val/geneval/overall`` and ``val/nfe``."""
+        if self.vae_path is None or self.val_num_samples == 0:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            scores = self.val_geneval.compute()
+        if torch.isnan(scores["overall"]):
+            return  # no shapes-world samples in this validation set
+        scores = {f"val/geneval/{k}": v.float() for k, v in scores.items()}  # synced already
+        self.log_dict(scores, sync_dist=True)
+        self.log("val/nfe", float(self.sampler.nfe), sync_dist=True)
+        self.val_geneval.reset()
+
+    def configure_optimizers(self) -> Any:
+        """The CLI-built optimiser over the trainable network, plus a per-step scheduler."""
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = self.optimizer(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
