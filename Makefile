@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-teacher clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_datamodule.py
+
+bench-teacher: install  # needs a GPU: our DiT vs diffusers at PixArt-Σ XL/2 size
+	PY=$(PY) bash bench/gpu_teacher.sh
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

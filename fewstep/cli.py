@@ -3,10 +3,12 @@
     fewstep fit -c configs/vae/shapes.yaml        # any LightningModule + DataModule
     fewstep shapes --out runs/demo/shapes         # render + score the shapes world
     fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
+    fewstep export -c TEACHER.yaml --ckpt_path last.ckpt --out DIR  # PixArtSigmaPipeline folder
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -25,20 +27,28 @@ def _tools() -> dict[str, Callable]:
         tools["cache"] = build
     except ImportError:  # pragma: no cover - the cache tool arrives with the cache stage
         pass
+    from fewstep.tools.export import export
+
+    tools["export"] = export
     return tools
 
 
-TOOL_NAMES = ("shapes", "cache")
+TOOL_NAMES = ("shapes", "cache", "export")
 
 
 def run_tool(name: str, args: list[str]) -> object:
     """Run a non-training tool with jsonargparse (``-c config.yaml`` and flags)."""
     tool = _tools()[name]
     parser = ArgumentParser(prog=f"fewstep {name}", description=tool.__doc__)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    own_config = "config" in inspect.signature(tool).parameters  # e.g. export: a fit YAML path
+    if own_config:
+        args = ["--config" if a == "-c" else a for a in args]
+    else:
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
     parser.add_function_arguments(tool, as_positional=False)
     config = parser.instantiate(parser.parse_args(args))
-    config.pop("config", None)
+    if not own_config:
+        config.pop("config", None)
     result = tool(**vars(config))
     if isinstance(result, dict):
         import json
@@ -51,13 +61,12 @@ class FewstepCLI(LightningCLI):
     """LightningCLI in subclass mode; configs are saved with each run (overwritten on resume)."""
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``fewstep`` console script."""
+def main(args: list[str] | None = None) -> object:
+    """Entry point of the ``fewstep`` console script; returns the tool's result or the CLI."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOL_NAMES:
-        run_tool(argv[0], argv[1:])
-        return
-    FewstepCLI(
+        return run_tool(argv[0], argv[1:])
+    return FewstepCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

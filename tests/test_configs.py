@@ -1,5 +1,6 @@
 """Every YAML in configs/ runs through the CLI on CPU with tiny sizes (test tier 1)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def tiny_cache(tmp_path_factory, tiny_vae_dir) -> Path:
     return out
 
 
-CPU_TEACHERS = [p for p in yamls("teacher") if "xl2" not in p.name]
+# *pretrained* teachers load a PixArt folder: tested with a tiny one below.
+CPU_TEACHERS = [p for p in yamls("teacher") if "xl2" not in p.name and "pretrained" not in p.name]
+PRETRAINED_TEACHERS = [p for p in yamls("teacher") if "pretrained" in p.name]
 
 
 def cpu_sized(path: Path, tmp_path: Path) -> Path:
@@ -98,6 +101,37 @@ def test_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache, tiny_vae_d
               "--data.init_args.val_fraction=0.25", "--model.init_args.vae_path",
               str(tiny_vae_dir), "--model.init_args.val_num_samples=4",
               "--model.init_args.sampler.init_args.steps=2", "--data.init_args.num_workers=0"]
+    main(["fit", *common, "--trainer.fast_dev_run=true"])
+    main(["validate", *common, "--trainer.limit_val_batches=1"])
+
+
+def tiny_pixart_folder(folder: Path, vae_dir: Path) -> Path:
+    """A PixArt-Σ pipeline layout (transformer/ + vae/) sized for the tiny cache."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS, num_layers=1, cross_attention_dim=32,
+        caption_channels=384, sample_size=16, patch_size=2, use_additional_conditions=False)
+    transformer.save_pretrained(folder / "transformer")
+    shutil.copytree(vae_dir, folder / "vae")
+    return folder
+
+
+@pytest.mark.parametrize("path", PRETRAINED_TEACHERS, ids=lambda p: p.name)
+def test_pretrained_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache, tiny_vae_dir):
+    folder = tiny_pixart_folder(tmp_path / "PixArt-Sigma-tiny", tiny_vae_dir)
+    common = ["-c", str(cpu_sized(path, tmp_path)), "--trainer.accelerator=cpu",
+              "--trainer.precision=32-true",
+              "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--data.init_args.path", str(tiny_cache), "--data.init_args.batch_size=8",
+              "--data.init_args.val_fraction=0.25", "--data.init_args.num_workers=0",
+              "--model.init_args.network.init_args.path", str(folder),
+              "--model.init_args.vae_path", str(folder / "vae"),
+              "--model.init_args.val_num_samples=4",
+              "--model.init_args.sampler.init_args.steps=2"]
     main(["fit", *common, "--trainer.fast_dev_run=true"])
     main(["validate", *common, "--trainer.limit_val_batches=1"])
 

@@ -313,3 +313,22 @@ def test_fit_end_exports_the_ema_average(tmp_path):
     for name, param in exported.named_parameters():
         if name in average:
             assert torch.equal(param, average[name]), name
+
+
+def test_validation_scores_shapes_reconstructions_and_scheduler_steps():
+    from fewstep.data.images import ImageDataModule
+    from fewstep.data.shapes import ShapesWorld
+
+    torch.manual_seed(0)
+    world = ShapesWorld(size=8, resolution=32, seed=0)
+    data = ImageDataModule(train=world, val=world, batch_size=4)
+    module = VAEModule(
+        VAE(**TINY),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s),
+    )
+    fit = trainer(3, limit_val_batches=2, val_check_interval=3, check_val_every_n_epoch=None)
+    fit.fit(module, datamodule=data)
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    metrics = fit.callback_metrics
+    assert 0.0 <= float(metrics["val/geneval/overall"]) <= 1.0
+    assert "val/geneval/single_object" in metrics or "val/geneval/colors" in metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +68,11 @@ def score_image(image: np.ndarray, spec: Spec | str) -> tuple[bool, str]:
     """Judge one HxWx3 image (uint8 or float [0,1]) against a spec or a caption."""
     spec = spec_of(spec) if isinstance(spec, str) else spec
     return judge(detect_objects(image), spec)
+
+
+def specs_of(metadata: list[Any]) -> list[dict | None]:
+    """The shapes-world spec of each sample's metadata, or None where there is none."""
+    return [m.get("spec") if isinstance(m, dict) else None for m in metadata]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import DDIM, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler, UniformDiscrete
-from fewstep.eval.geneval import ShapesGenEval
+from fewstep.eval.geneval import ShapesGenEval, specs_of
 from fewstep.lightning.sampling import (
     NullText,
     datamodule_null_text,
@@ -47,11 +47,6 @@ def default_timestep_sampler(process: NoiseProcess) -> TimestepSampler:
         f"TeacherModule: no default timestep_sampler for {type(process).__name__}; "
         "set model.init_args.timestep_sampler."
     )
-
-
-def specs_of(metadata: list[Any]) -> list[dict | None]:
-    """The shapes-world spec of each sample's metadata, or None where there is none."""
-    return [m.get("spec") if isinstance(m, dict) else None for m in metadata]
 
 
 class TeacherModule(pl.LightningModule):

@@ -10,13 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid
 
+from fewstep.eval.geneval import ShapesGenEval, specs_of
 from fewstep.models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from fewstep.models.perceptual import FeaturePerceptualLoss
 from fewstep.models.vae import VAE, gaussian_kl
@@ -51,15 +52,25 @@ class VAEModule(pl.LightningModule):
         export_dir: str | None = None,
         sample_posterior: bool = True,
         train_crop: int | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["vae", "perceptual", "discriminator", "optimizer", "disc_optimizer"]
+            ignore=[
+                "vae",
+                "perceptual",
+                "discriminator",
+                "optimizer",
+                "disc_optimizer",
+                "lr_scheduler",
+            ]
         )
         self.automatic_optimization = False
         self.vae, self.perceptual, self.discriminator = vae, perceptual, discriminator
         self.optimizer, self.disc_optimizer = optimizer, disc_optimizer or optimizer
+        self.lr_scheduler = lr_scheduler  # stepped once per generator step
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images in [-1, 1]
+        self.val_geneval = ShapesGenEval()  # semantic fidelity of reconstructions
         self.generator_steps = 0  # own counter: Lightning's global_step counts both optimisers
 
     @property
@@ -67,12 +78,15 @@ class VAEModule(pl.LightningModule):
         """The network the EMA callback averages."""
         return self.vae
 
-    def configure_optimizers(self) -> list[Optimizer]:
-        """Generator (VAE) optimiser, plus the discriminator's when there is one."""
+    def configure_optimizers(self) -> Any:
+        """Generator (VAE) optimiser, plus the discriminator's when there is one; the optional
+        scheduler drives the generator's learning rate per generator step."""
         optimizers = [self.optimizer(self.vae.parameters())]
         if self.discriminator is not None:
             optimizers.append(self.disc_optimizer(self.discriminator.parameters()))
-        return optimizers
+        if self.lr_scheduler is None:
+            return optimizers
+        return optimizers, [{"scheduler": self.lr_scheduler(optimizers[0]), "interval": "step"}]
 
     def _losses(
         self, images: Tensor, recon: Tensor, mean: Tensor, std: Tensor
@@ -147,6 +161,9 @@ class VAEModule(pl.LightningModule):
             self._step(opt_d, losses["d"])
             self.untoggle_optimizer(opt_d)
         self.generator_steps += 1
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # manual optimisation: Lightning does not step it
         total = losses.pop("loss").detach()
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=len(images))
         self.log("train/loss", total, prog_bar=True, batch_size=len(images))
@@ -168,8 +185,24 @@ class VAEModule(pl.LightningModule):
             {f"val/{k}": v for k, v in losses.items()}, batch_size=images.shape[0], sync_dist=True
         )
         self.log("val/psnr", self.val_psnr, prog_bar=True)
+        self._score(recon, batch.get("metadata"))
         if batch_idx == 0 and not self.trainer.sanity_checking:
             self._log_grid(images, recon)
+
+    def _score(self, recon: Tensor, metadata: list[Any] | None) -> None:
+        """Feed shapes-world reconstructions to the GenEval-protocol scorer (issue bar: >= 95%)."""
+        specs = specs_of(metadata or [])
+        rows = [i for i, spec in enumerate(specs) if spec is not None]
+        if rows:
+            self.val_geneval.update(recon[rows].clamp(-1, 1), [specs[i] for i in rows])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/geneval/<category>`` and ``val/geneval/overall`` when shapes were scored."""
+        if not bool(self.val_geneval.total.sum() > 0):
+            return
+        scores = self.val_geneval.compute()
+        self.log_dict({f"val/geneval/{k}": v.float() for k, v in scores.items()}, sync_dist=True)
+        self.val_geneval.reset()
 
     def _log_grid(self, images: Tensor, recon: Tensor) -> None:
         """TensorBoard grid: first row inputs, second row reconstructions."""

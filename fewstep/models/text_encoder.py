@@ -75,12 +75,20 @@ def resolve_folders(path: str) -> tuple[Path, Path]:
         raise FileNotFoundError(
             f"No config.json in text encoder folder {root}: it is not a Hugging Face model folder."
         )
+    sibling = root.parent / "tokenizer"
+    if root.name == "text_encoder" and not has_tokenizer(root) and sibling.is_dir():
+        return root, sibling  # <pipeline>/text_encoder with the pipeline's tokenizer/ beside it
     return root, root
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds tokenizer files."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _load_tokenizer(folder: Path, model_folder: Path) -> Any:
     """AutoTokenizer from ``folder``; one clear error when the folder has no tokenizer files."""
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         raise FileNotFoundError(
             f"No tokenizer in {folder} for the text encoder at {model_folder} (expected one of "
             f"{', '.join(TOKENIZER_FILES)}). Save it there with tokenizer.save_pretrained(folder)."

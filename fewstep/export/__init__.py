@@ -1,0 +1,1 @@
+"""Exports: diffusers folders (transformer / VAE / scheduler) of teachers and students."""

@@ -1,0 +1,151 @@
+"""Diffusers ``PixArtSigmaPipeline`` folders out: transformer, VAE, a scheduler equivalent to our
+(process, prediction, sampler), optionally T5 + tokenizer, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.diffusion.parameterization import PredictionType
+from fewstep.diffusion.samplers import Sampler
+from fewstep.diffusion.schedules import NoiseProcess
+from fewstep.export.schedulers import (
+    default_sampler,
+    diffusers_scheduler,
+    pipeline_call_kwargs,
+    process_record,
+)
+from fewstep.models.dit import DiT
+from fewstep.models.dit_convert import (
+    to_diffusers,
+)
+from fewstep.models.pixart_io import text_encoder_folders
+from fewstep.models.text_encoder import ENCODER_CLASSES, has_tokenizer
+from fewstep.models.vae import VAE
+
+EXPORT_RECORD = "fewstep_export.json"
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path, refusing an existing file or non-empty folder unless ``overwrite``."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"Export target '{out}' is a file; choose another output folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Export target '{out}' exists and is not empty; choose another output folder or "
+            "pass overwrite=True (fewstep export --overwrite true) to replace it."
+        )
+    return out
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` folder to ``out`` (replacing it only if ``overwrite``)."""
+    check_out_dir(out, overwrite)  # someone may have written there meanwhile
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        tmp.rename(out)
+        shutil.rmtree(old)
+        return
+    if out.is_dir():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def _autoencoder(vae: VAE | str | Path) -> Any:
+    """The AutoencoderKL of a VAE (or a VAE folder) with its latent scale in the config."""
+    vae = vae if isinstance(vae, VAE) else VAE.from_pretrained(vae)
+    shift = float(vae.shift_factor)
+    if not vae.has_latent_scale:
+        warnings.warn(
+            "Export: the VAE's latent scale was never measured; writing scaling_factor=1.0.",
+            stacklevel=3,
+        )
+    if shift != 0.0:
+        warnings.warn(
+            f"Export: the VAE's shift_factor={shift:.4g} is non-zero but PixArtSigmaPipeline "
+            "ignores it; decoded images will be wrong (latent outputs are fine).",
+            stacklevel=3,
+        )
+    vae.autoencoder.register_to_config(scaling_factor=float(vae.scaling_factor), shift_factor=shift)
+    return vae.autoencoder
+
+
+def _text_components(path: str) -> tuple[Any, Any]:
+    """(T5-style encoder, tokenizer) loaded from a local folder, pipeline root or text_encoder/."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    model_folder, tokenizer_folder = text_encoder_folders(path)
+    if not has_tokenizer(tokenizer_folder):
+        raise FileNotFoundError(
+            f"No tokenizer files in '{tokenizer_folder}' for the text encoder at '{model_folder}'."
+        )
+    config = AutoConfig.from_pretrained(model_folder, local_files_only=True)
+    name = ENCODER_CLASSES.get(config.model_type)
+    cls = getattr(transformers, name) if name else AutoModel
+    model = cls.from_pretrained(model_folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    return model, tokenizer
+
+
+def export_pixart_sigma_pipeline(
+    dit: DiT,
+    vae: VAE | str | Path,
+    out_dir: str | Path,
+    process: NoiseProcess,
+    prediction: PredictionType,
+    sampler: Sampler | None = None,
+    text_encoder_path: str | None = None,
+    overwrite: bool = False,
+    guidance_scale: float | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a diffusers ``PixArtSigmaPipeline`` folder (transformer, vae, scheduler, and text
+    encoder + tokenizer when given, else None so the pipeline takes ``prompt_embeds``) plus
+    ``fewstep_export.json`` with the pipeline call arguments that reproduce ``sampler``."""
+    from diffusers import PixArtSigmaPipeline
+
+    out = check_out_dir(out_dir, overwrite)
+    sampler = sampler if sampler is not None else default_sampler(process)
+    scheduler = diffusers_scheduler(process, prediction, sampler)
+    sample_size = int(dit.config()["sample_size"])
+    call = pipeline_call_kwargs(scheduler, process, sampler, sample_size)
+    if guidance_scale is not None:
+        call["guidance_scale"] = float(guidance_scale)
+    transformer = to_diffusers(dit).to("cpu", torch.float32).eval()
+    text_encoder, tokenizer = (
+        _text_components(text_encoder_path) if text_encoder_path is not None else (None, None)
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_autoencoder(vae),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    record = {
+        "format": "fewstep-pixart-sigma-export/1",
+        "process": process_record(process),
+        "prediction": prediction,
+        "sampler": repr(sampler),
+        "pipeline_call": call,
+        **(metadata or {}),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        _commit(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

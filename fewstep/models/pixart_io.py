@@ -1,0 +1,151 @@
+"""Real PixArt-Σ diffusers folders in: ``PretrainedDiT(path)`` builds our DiT from a local pipeline
+folder (``transformer/``) or a transformer folder, with converted weights;
+``pipeline_vae_path`` / ``pipeline_text_encoder_path`` point the teacher's VAE and the cache's
+text encoder at the same folder. (Out: ``fewstep.export.pixart_pipeline``.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.models.dit import DiT
+from fewstep.models.dit_convert import (
+    dit_kwargs_from_diffusers_config,
+    state_dict_from_diffusers,
+)
+from fewstep.models.text_encoder import resolve_folders
+from fewstep.models.vae import resolve_vae_folder
+
+TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # the latter: legacy name
+WEIGHTS = "diffusion_pytorch_model"
+VARIANTS = ("", ".fp16", ".bf16")
+BINNED_SAMPLE_SIZES = (32, 64, 128, 256)  # PixArtSigmaPipeline's aspect-ratio bins exist for these
+_FIX = (
+    "Point it at a local diffusers PixArt-Σ pipeline folder (with transformer/, e.g. "
+    "models/PixArt-Sigma-XL-2-1024-MS) or at its transformer/ folder; nothing is downloaded."
+)
+
+
+def resolve_transformer_folder(path: str | Path) -> Path:
+    """The folder with the PixArt transformer ``config.json``: ``path`` or ``path/transformer``."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"PixArt folder not found: '{root}'. {_FIX}")
+    for folder in (root, root / "transformer"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"'{root}' holds no PixArt transformer: neither '{root / 'config.json'}' nor "
+        f"'{root / 'transformer' / 'config.json'}' exists. {_FIX}"
+    )
+
+
+def read_transformer_config(folder: Path) -> dict[str, Any]:
+    """The diffusers config of a PixArt transformer folder; anything else raises ValueError."""
+    file = folder / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"Cannot read the PixArt transformer config '{file}': {err}") from None
+    name, norm = config.get("_class_name"), config.get("norm_type")
+    if name not in TRANSFORMER_CLASSES or norm != "ada_norm_single":
+        raise ValueError(
+            f"'{file}' is not a PixArt transformer config (_class_name={name!r}, "
+            f"norm_type={norm!r}; expected {' or '.join(TRANSFORMER_CLASSES)} with "
+            f"norm_type='ada_norm_single'). {_FIX}"
+        )
+    return config
+
+
+def dit_kwargs_from_folder(path: str | Path) -> dict[str, Any]:
+    """``DiT`` init arguments for the PixArt transformer at ``path`` (pipeline or transformer)."""
+    folder = resolve_transformer_folder(path)
+    config = read_transformer_config(folder)
+    if config.get("use_additional_conditions") is None and config.get("sample_size") == 128:
+        config["use_additional_conditions"] = True  # diffusers' default at 1024 px (PixArt-α)
+    try:
+        return dit_kwargs_from_diffusers_config(config)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{folder / 'config.json'}: {err}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors/bin files of a diffusers model folder (single file, shards or variant)."""
+    for variant in VARIANTS:
+        index = folder / f"{WEIGHTS}{variant}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / shard for shard in shards]
+        for suffix in (".safetensors", ".bin"):
+            file = folder / f"{WEIGHTS}{variant}{suffix}"
+            if file.is_file():
+                return [file]
+    raise FileNotFoundError(
+        f"No weights in the PixArt transformer folder '{folder}' (expected {WEIGHTS}.safetensors, "
+        "a sharded .safetensors.index.json, a .bin or an fp16/bf16 variant of them)."
+    )
+
+
+def load_transformer_state_dict(folder: Path) -> dict[str, Tensor]:
+    """The diffusers-keyed float32 state dict of a PixArt transformer folder."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for file in _weight_files(folder):
+        if not file.is_file():
+            raise FileNotFoundError(f"PixArt weight shard missing: '{file}'.")
+        if file.suffix == ".safetensors":
+            part = load_file(str(file))
+        else:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        state.update(part)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+class PretrainedDiT(DiT):
+    """Our PixArt-Σ DiT with the architecture and weights of a local diffusers PixArt transformer
+    (``path``: a pipeline folder with ``transformer/``, or the transformer folder itself)."""
+
+    def __init__(self, path: str, gradient_checkpointing: bool = False) -> None:
+        kwargs = dit_kwargs_from_folder(path)
+        folder = resolve_transformer_folder(path)
+        try:
+            state = state_dict_from_diffusers(load_transformer_state_dict(folder))
+        except ValueError as err:
+            raise ValueError(f"PixArt weights in '{folder}': {err}") from None
+        with torch.device("meta"):  # skip the random init: every weight is loaded below
+            super().__init__(**kwargs, gradient_checkpointing=gradient_checkpointing)
+        try:
+            self.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise ValueError(
+                f"The weights in '{folder}' do not match its config.json: {err}"
+            ) from None
+        self.path = str(path)
+
+
+def pipeline_vae_path(path: str | Path) -> str:
+    """The AutoencoderKL folder of a pipeline (``path/vae``) or ``path`` itself (for vae_path)."""
+    try:
+        return str(resolve_vae_folder(path))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} {_FIX}") from None
+
+
+def text_encoder_folders(path: str | Path) -> tuple[Path, Path]:
+    """(encoder folder, tokenizer folder) for a model folder, a pipeline root, or its
+    ``text_encoder/`` subfolder (whose tokenizer is the sibling ``tokenizer/``)."""
+    return resolve_folders(str(path))
+
+
+def pipeline_text_encoder_path(path: str | Path) -> str:
+    """A ``TextEncoder(path=...)`` argument for a pipeline root or its ``text_encoder/`` folder."""
+    model, tokenizer = text_encoder_folders(path)
+    if model.name == "text_encoder" and tokenizer == model.parent / "tokenizer":
+        return str(model.parent)  # TextEncoder resolves the pipeline layout from its root
+    return str(model)

@@ -1,0 +1,137 @@
+"""`fewstep export`: a trained teacher (its fit YAML + a checkpoint) as a diffusers
+``PixArtSigmaPipeline`` folder, with the EMA weights when the checkpoint has them."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from torch import nn
+
+from fewstep.export.pixart_pipeline import check_out_dir, export_pixart_sigma_pipeline
+from fewstep.lightning.ema import EMA
+
+REQUIRED = ("network", "process", "prediction")  # what an exportable module must carry
+
+
+def load_module(config: str | Path) -> pl.LightningModule:
+    """Build the ``model:`` section of a LightningCLI YAML (trainer and data are ignored)."""
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: '{path}' (the YAML used for fewstep fit).")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise ValueError(f"'{path}' has no model: section with class_path/init_args.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningModule, "model", required=True)
+    try:
+        parsed = parser.parse_object({"model": raw["model"]})
+        module = parser.instantiate(parsed).model
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"Could not build the model of '{path}': {err}") from None
+    except Exception as err:  # jsonargparse's ArgumentError and friends
+        raise ValueError(f"Could not build the model of '{path}': {err}") from None
+    missing = [name for name in REQUIRED if not hasattr(module, name)]
+    if missing:
+        raise ValueError(
+            f"{type(module).__name__} from '{path}' cannot be exported: it has no {missing}."
+        )
+    return module
+
+
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A full (single-file) Lightning checkpoint on CPU."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        raise ValueError(
+            f"'{path}' is a sharded (distributed) checkpoint folder; export needs one file: train "
+            "with FSDPStrategy(state_dict_type='full') or consolidate the shards first."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: '{path}'.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own checkpoint
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"'{path}' is not a Lightning checkpoint (no state_dict).")
+    return ckpt
+
+
+def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The EMA callback's saved average in a checkpoint, or None."""
+    found = [
+        state
+        for state in (ckpt.get("callbacks") or {}).values()
+        if isinstance(state, dict) and isinstance(state.get("shadow"), dict)
+    ]
+    return found[0] if found else None
+
+
+def apply_ema(module: pl.LightningModule, state: dict[str, Any]) -> None:
+    """Copy the EMA average into the network it was taken of (``ema_target``)."""
+    target: nn.Module = getattr(module, "ema_target", module.network)
+    ema = EMA()
+    ema.load_state_dict(state)
+    try:
+        ema.copy_to(target)
+    except KeyError as err:
+        raise ValueError(f"The checkpoint's EMA average does not fit the network: {err}") from None
+
+
+def export(
+    config: str,
+    ckpt_path: str,
+    out: str,
+    ema: bool = True,
+    text_encoder_path: str | None = None,
+    vae_path: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, str]:
+    """Export a teacher (fit YAML ``config`` + ``ckpt_path``) as a PixArtSigmaPipeline folder at
+    ``out``; ``ema`` uses the checkpoint's EMA average, ``text_encoder_path`` adds T5 + tokenizer
+    (a pipeline folder or a model folder), ``vae_path`` overrides the config's VAE."""
+    check_out_dir(out, overwrite)  # fail before the slow part
+    module = load_module(config)
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"Checkpoint '{ckpt_path}' does not match the model of '{config}': {err}"
+        ) from None
+    weights = "raw"
+    if ema:
+        state = ema_state(ckpt)
+        if state is None:
+            warnings.warn(
+                f"'{ckpt_path}' has no EMA average; exporting the trained (raw) weights.",
+                stacklevel=2,
+            )
+        else:
+            apply_ema(module, state)
+            weights = "ema"
+    vae = vae_path or getattr(module, "vae_path", None)
+    if vae is None:
+        raise ValueError(
+            f"'{config}' sets no model.init_args.vae_path; pass --vae_path (the VAE the latents "
+            "were encoded with)."
+        )
+    folder = export_pixart_sigma_pipeline(
+        module.network,
+        vae,
+        out,
+        module.process,
+        module.prediction,
+        sampler=getattr(module, "sampler", None),
+        text_encoder_path=text_encoder_path,
+        overwrite=overwrite,
+        guidance_scale=getattr(module, "guidance_scale", None),
+        metadata={
+            "source": {"config": str(config), "ckpt_path": str(ckpt_path), "weights": weights},
+            "global_step": ckpt.get("global_step"),
+        },
+    )
+    return {"pipeline": str(folder), "weights": weights}
