@@ -113,9 +113,8 @@ def main() -> None:
     results = _load_results()
     start = time.time()
     for i, name in enumerate(chosen, 1):
-        print(
-            f"\n=== [{i}/{len(chosen)}] {name}: {STAGES[name].__doc__.splitlines()[0]}", flush=True
-        )
+        summary = (STAGES[name].__doc__ or name).splitlines()[0]
+        print(f"\n=== [{i}/{len(chosen)}] {name}: {summary}", flush=True)
         t0 = time.time()
         results[name] = {**STAGES[name](), "seconds": round(time.time() - t0, 1)}
         _save_results(results)

@@ -136,6 +136,16 @@ def test_fit_lowers_the_loss():
     assert after < 0.6 * before, (before, after)
 
 
+def test_compile_keeps_parameter_names_and_trains():
+    data = FakeLatentData()
+    module = teacher(compile=True, compile_kwargs={"backend": "eager"})  # inductor: GPU bench
+    names = [n for n, _ in module.named_parameters()]
+    make_trainer(2).fit(module, data)
+    assert module.network._compiled_call_impl is not None
+    assert [n for n, _ in module.named_parameters()] == names
+    assert all("_orig_mod" not in k for k in module.state_dict())
+
+
 def test_validation_logs_geneval_scores(vae_dir):
     module = teacher(vae_path=vae_dir, val_num_samples=6)
     metrics = make_trainer(1, limit_val_batches=1).validate(module, FakeLatentData(), verbose=False)

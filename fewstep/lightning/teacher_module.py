@@ -67,6 +67,8 @@ class TeacherModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         val_num_samples: int = 64,
         seed: int = 0,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         objects = ["network", "process", "timestep_sampler", "sampler"]
@@ -116,6 +118,12 @@ class TeacherModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Load the VAE early so a bad ``vae_path`` fails before training starts."""
         _ = self.vae
+
+    def configure_model(self) -> None:
+        """With ``compile``, compile the network's forward in place (``nn.Module.compile``: the
+        parameter names, hence checkpoints and EMA, stay those of the eager network)."""
+        if self.hparams.compile and self.network._compiled_call_impl is None:
+            self.network.compile(**(self.hparams.compile_kwargs or {}))
 
     def null_text(self) -> NullText | None:
         """The empty-caption embedding for CFG, from the datamodule (cached)."""

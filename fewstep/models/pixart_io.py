@@ -19,7 +19,7 @@ from fewstep.models.dit_convert import (
     state_dict_from_diffusers,
 )
 from fewstep.models.text_encoder import resolve_folders
-from fewstep.models.vae import resolve_vae_folder
+from fewstep.models.vae import config_folder, resolve_vae_folder
 
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # the latter: legacy name
 WEIGHTS = "diffusion_pytorch_model"
@@ -36,9 +36,9 @@ def resolve_transformer_folder(path: str | Path) -> Path:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"PixArt folder not found: '{root}'. {_FIX}")
-    for folder in (root, root / "transformer"):
-        if (folder / "config.json").is_file():
-            return folder
+    found = config_folder(root, "transformer")
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"'{root}' holds no PixArt transformer: neither '{root / 'config.json'}' nor "
         f"'{root / 'transformer' / 'config.json'}' exists. {_FIX}"

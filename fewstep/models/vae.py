@@ -17,12 +17,21 @@ from torch import Tensor, nn
 from fewstep.utils.fingerprint import fingerprint
 
 
+def config_folder(root: Path, subfolder: str) -> Path | None:
+    """``root`` or ``root/subfolder``, whichever holds a ``config.json`` first (diffusers
+    model folder or pipeline layout), else None."""
+    for folder in (root, root / subfolder):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def resolve_vae_folder(path: str | Path) -> Path:
     """The folder holding the AutoencoderKL ``config.json``: ``path`` itself or ``path/vae``."""
     root = Path(path).expanduser()
-    for folder in (root, root / "vae"):
-        if (folder / "config.json").is_file():
-            return folder
+    found = config_folder(root, "vae")
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"VAE pretrained_path '{root}' is not a diffusers AutoencoderKL folder: neither "
         f"'{root / 'config.json'}' nor '{root / 'vae' / 'config.json'}' exists. Point "
