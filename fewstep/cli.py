@@ -1,9 +1,10 @@
 """The ``fewstep`` command: LightningCLI for fit/validate/test/predict, plus tools.
 
-    fewstep fit -c configs/vae/shapes.yaml        # any LightningModule + DataModule
-    fewstep shapes --out runs/demo/shapes         # render + score the shapes world
-    fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
-    fewstep export -c TEACHER.yaml --ckpt_path last.ckpt --out DIR  # PixArtSigmaPipeline folder
+fewstep fit -c configs/vae/shapes.yaml        # any LightningModule + DataModule
+fewstep shapes --out runs/demo/shapes         # render + score the shapes world
+fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
+fewstep export -c TEACHER.yaml --ckpt_path last.ckpt --out DIR  # PixArtSigmaPipeline folder
+fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (noise, sample)
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def _tools() -> dict[str, Callable]:
     from fewstep.tools.export import export
 
     tools["export"] = export
+    from fewstep.tools.couplings import couplings
+
+    tools["couplings"] = couplings
     return tools
 
 
-TOOL_NAMES = ("shapes", "cache", "export")
+TOOL_NAMES = ("shapes", "cache", "export", "couplings")
 
 
 def run_tool(name: str, args: list[str]) -> object:

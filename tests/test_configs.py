@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from student_fixtures import build_tiny_teacher, cpu_student_config
 
 from fewstep.cli import main
 from fewstep.data.cache import read_manifest
@@ -15,7 +16,7 @@ from fewstep.models.vae import VAE
 CONFIGS = Path(__file__).parents[1] / "configs"
 # configs/model/dit/*.yaml are network presets, instantiated in tests/test_dit.py.
 LATENT_CHANNELS = 8  # as configs/vae/shapes.yaml
-RUNNERS = {"shapes", "vae", "cache", "model", "teacher"}
+RUNNERS = {"shapes", "vae", "cache", "model", "teacher", "student"}
 
 
 def yamls(stage: str) -> list[Path]:
@@ -38,19 +39,42 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("path", yamls("shapes"), ids=lambda p: p.name)
 def test_shapes_configs(path, tmp_path):
-    main(["shapes", "-c", str(path), "--out", str(tmp_path), "--num_samples", "4",
-          "--num_scored", "12"])
+    main(
+        [
+            "shapes",
+            "-c",
+            str(path),
+            "--out",
+            str(tmp_path),
+            "--num_samples",
+            "4",
+            "--num_scored",
+            "12",
+        ]
+    )
     assert (tmp_path / "grid.png").exists() and (tmp_path / "scores.json").exists()
 
 
 @pytest.mark.parametrize("path", yamls("vae"), ids=lambda p: p.name)
 def test_vae_configs(path, tmp_path):
     export = tmp_path / "vae"
-    main(["fit", "-c", str(path), "--trainer.fast_dev_run=true",
-          "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator=cpu",
-          "--data.init_args.batch_size=2", "--data.init_args.train.init_args.size=8",
-          "--data.init_args.val.init_args.size=4", "--model.init_args.measure_scale_batches=2",
-          "--model.init_args.export_dir", str(export)])
+    main(
+        [
+            "fit",
+            "-c",
+            str(path),
+            "--trainer.fast_dev_run=true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.accelerator=cpu",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.train.init_args.size=8",
+            "--data.init_args.val.init_args.size=4",
+            "--model.init_args.measure_scale_batches=2",
+            "--model.init_args.export_dir",
+            str(export),
+        ]
+    )
     restored = VAE.from_pretrained(export)
     assert restored.has_latent_scale
 
@@ -58,9 +82,21 @@ def test_vae_configs(path, tmp_path):
 @pytest.mark.parametrize("path", yamls("cache"), ids=lambda p: p.name)
 def test_cache_configs(path, tmp_path, tiny_vae_dir):
     out = tmp_path / "cache"
-    main(["cache", "-c", str(path), "--out", str(out), "--device=cpu",
-          "--vae.init_args.pretrained_path", str(tiny_vae_dir),
-          "--dataset.init_args.size=10", "--shard_size=4", "--batch_size=4"])
+    main(
+        [
+            "cache",
+            "-c",
+            str(path),
+            "--out",
+            str(out),
+            "--device=cpu",
+            "--vae.init_args.pretrained_path",
+            str(tiny_vae_dir),
+            "--dataset.init_args.size=10",
+            "--shard_size=4",
+            "--batch_size=4",
+        ]
+    )
     manifest = read_manifest(out)
     assert manifest["num_samples"] == 10 and len(manifest["shards"]) == 3
 
@@ -68,9 +104,21 @@ def test_cache_configs(path, tmp_path, tiny_vae_dir):
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory, tiny_vae_dir) -> Path:
     out = tmp_path_factory.mktemp("cache") / "cache"
-    main(["cache", "-c", str(CONFIGS / "cache/shapes.yaml"), "--out", str(out), "--device=cpu",
-          "--vae.init_args.pretrained_path", str(tiny_vae_dir), "--dataset.init_args.size=48",
-          "--shard_size=24", "--batch_size=24"])
+    main(
+        [
+            "cache",
+            "-c",
+            str(CONFIGS / "cache/shapes.yaml"),
+            "--out",
+            str(out),
+            "--device=cpu",
+            "--vae.init_args.pretrained_path",
+            str(tiny_vae_dir),
+            "--dataset.init_args.size=48",
+            "--shard_size=24",
+            "--batch_size=24",
+        ]
+    )
     return out
 
 
@@ -91,16 +139,32 @@ def cpu_sized(path: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list[str]:
+    """CLI arguments running a teacher YAML on CPU with the tiny cache and VAE, cheaply."""
+    return [
+        "-c",
+        str(cpu_sized(path, tmp_path)),
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--data.init_args.path",
+        str(cache),
+        "--data.init_args.batch_size=8",
+        "--data.init_args.val_fraction=0.25",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.vae_path",
+        str(vae_dir),
+        "--model.init_args.val_num_samples=4",
+        "--model.init_args.sampler.init_args.steps=2",
+    ]
+
+
 @pytest.mark.parametrize("path", CPU_TEACHERS, ids=lambda p: p.name)
 def test_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache, tiny_vae_dir):
-    common = ["-c", str(cpu_sized(path, tmp_path)), "--trainer.accelerator=cpu",
-              "--trainer.precision=32-true",
-              "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--data.init_args.path", str(tiny_cache), "--data.init_args.batch_size=8",
-              "--data.init_args.val_fraction=0.25", "--model.init_args.vae_path",
-              str(tiny_vae_dir), "--model.init_args.val_num_samples=4",
-              "--model.init_args.sampler.init_args.steps=2", "--data.init_args.num_workers=0"]
+    common = teacher_args(path, tmp_path, tiny_cache, tiny_vae_dir)
     main(["fit", *common, "--trainer.fast_dev_run=true"])
     main(["validate", *common, "--trainer.limit_val_batches=1"])
 
@@ -111,9 +175,17 @@ def tiny_pixart_folder(folder: Path, vae_dir: Path) -> Path:
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=LATENT_CHANNELS,
-        out_channels=2 * LATENT_CHANNELS, num_layers=1, cross_attention_dim=32,
-        caption_channels=384, sample_size=16, patch_size=2, use_additional_conditions=False)
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,
+        num_layers=1,
+        cross_attention_dim=32,
+        caption_channels=384,
+        sample_size=16,
+        patch_size=2,
+        use_additional_conditions=False,
+    )
     transformer.save_pretrained(folder / "transformer")
     shutil.copytree(vae_dir, folder / "vae")
     return folder
@@ -122,18 +194,46 @@ def tiny_pixart_folder(folder: Path, vae_dir: Path) -> Path:
 @pytest.mark.parametrize("path", PRETRAINED_TEACHERS, ids=lambda p: p.name)
 def test_pretrained_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache, tiny_vae_dir):
     folder = tiny_pixart_folder(tmp_path / "PixArt-Sigma-tiny", tiny_vae_dir)
-    common = ["-c", str(cpu_sized(path, tmp_path)), "--trainer.accelerator=cpu",
-              "--trainer.precision=32-true",
-              "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--data.init_args.path", str(tiny_cache), "--data.init_args.batch_size=8",
-              "--data.init_args.val_fraction=0.25", "--data.init_args.num_workers=0",
-              "--model.init_args.network.init_args.path", str(folder),
-              "--model.init_args.vae_path", str(folder / "vae"),
-              "--model.init_args.val_num_samples=4",
-              "--model.init_args.sampler.init_args.steps=2"]
+    common = [
+        *teacher_args(path, tmp_path, tiny_cache, folder / "vae"),
+        "--model.init_args.network.init_args.path",
+        str(folder),
+    ]
     main(["fit", *common, "--trainer.fast_dev_run=true"])
     main(["validate", *common, "--trainer.limit_val_batches=1"])
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A tiny trained rectified-flow teacher (YAML + checkpoint), its cache and VAE."""
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+def trains_on_a_latent_cache(path: Path) -> bool:
+    """A fit YAML (model: section) whose data is the plain CachedLatentDataModule."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    data = (raw.get("data") or {}).get("class_path", "")
+    return isinstance(raw.get("model"), dict) and data.endswith("CachedLatentDataModule")
+
+
+CACHE_STUDENTS = [p for p in yamls("student") if trains_on_a_latent_cache(p)]
+OTHER_STUDENT_YAMLS = [p for p in yamls("student") if not trains_on_a_latent_cache(p)]
+
+
+@pytest.mark.parametrize("path", CACHE_STUDENTS, ids=lambda p: p.name)
+def test_student_configs_fit_and_validate(path, tmp_path, tiny_teacher):
+    config = cpu_student_config(path, tiny_teacher, tmp_path)
+    main(["fit", "-c", str(config), "--trainer.fast_dev_run=true"])
+    main(["validate", "-c", str(config), "--trainer.limit_val_batches=1"])
+
+
+@pytest.mark.parametrize("path", OTHER_STUDENT_YAMLS, ids=lambda p: p.name)
+def test_other_student_configs_are_run_by_their_method_tests(path):
+    """YAMLs needing more than the latent cache (e.g. teacher couplings, or a tool's config) are
+    run by their method's test file, which must name them."""
+    here = Path(__file__)
+    named = [t for t in here.parent.glob("test_*.py") if t != here and path.name in t.read_text()]
+    assert named, f"{path.name}: no test file runs it (name it in its method's tests)"
 
 
 def test_xl2_teacher_config_parses_and_builds_exact_size(capsys):

@@ -104,8 +104,9 @@ def test_report_and_metric_agree():
     world = ShapesWorld(size=30, resolution=32, seed=5)
     samples = [world[i] for i in range(30)]
     # corrupt a third of the images so that scores are not all ones
-    images = torch.stack([s["image"] if i % 3 else -torch.ones(3, 32, 32) for i, s in
-                          enumerate(samples)])
+    images = torch.stack(
+        [s["image"] if i % 3 else -torch.ones(3, 32, 32) for i, s in enumerate(samples)]
+    )
     metric = ShapesGenEval()
     metric.update(images[:15], [s["caption"] for s in samples[:15]])
     metric.update(images[15:], [s["metadata"]["spec"] for s in samples[15:]])

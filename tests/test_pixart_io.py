@@ -326,8 +326,17 @@ def test_export_tool_writes_ema_weights(pipeline_dir: Path, tmp_path: Path) -> N
     with pytest.raises(FileExistsError, match=r"exported' exists and is not empty"):
         main(["export", "-c", str(config_path), "--ckpt_path", str(ckpt), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match=r"Checkpoint not found"):
-        main(["export", "-c", str(config_path), "--ckpt_path", str(tmp_path / "no.ckpt"),
-              "--out", str(tmp_path / "other")])
+        main(
+            [
+                "export",
+                "-c",
+                str(config_path),
+                "--ckpt_path",
+                str(tmp_path / "no.ckpt"),
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
 
 
 def test_scheduler_mapping_and_inexact_grids_warn() -> None:

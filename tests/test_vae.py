@@ -287,8 +287,11 @@ def test_posterior_sampling_switch(sample_posterior, monkeypatch):
     encoded: list[torch.Tensor] = []
     decoded: list[torch.Tensor] = []
     encode, decode = module.vae.encode_moments, module.vae.decode_raw
-    monkeypatch.setattr(module.vae, "encode_moments", lambda x: encoded.append(encode(x)[0]) or
-                        (encoded[-1], torch.full_like(encoded[-1], 0.5)))
+    monkeypatch.setattr(
+        module.vae,
+        "encode_moments",
+        lambda x: encoded.append(encode(x)[0]) or (encoded[-1], torch.full_like(encoded[-1], 0.5)),
+    )
     monkeypatch.setattr(module.vae, "decode_raw", lambda z: decoded.append(z) or decode(z))
     trainer(1).fit(module, loader(4, 4))
     assert len(decoded) == 1

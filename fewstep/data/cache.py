@@ -10,6 +10,7 @@ Layout of a cache folder::
         text.npy               [T, D] valid text tokens of all samples, concatenated
         text_offsets.npy       [N + 1] int64, sample i owns text[off[i]:off[i + 1]]
         records.jsonl          one {"caption", "metadata", "source_index"} line per sample
+        <name>.npy             optional extra per-sample arrays [N, ...] (e.g. a coupling's noise)
         shard.json             sample/token counts and sha256 + size of every file above
     manifest.json              build config + latent shape, text dim and every shard's hashes
 
@@ -188,13 +189,18 @@ def write_shard(
     std: np.ndarray,
     texts: Sequence[np.ndarray],
     records: Sequence[dict[str, Any]],
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write one shard atomically (into ``<name>.tmp/``, then rename); return its shard.json."""
-    n = len(mean)
+    """Write one shard atomically (into ``<name>.tmp/``, then rename); return its shard.json.
+    ``extra`` maps names to further per-sample arrays [N, ...], stored as ``<name>.npy``."""
+    n, extra = len(mean), extra or {}
     if not n == len(std) == len(texts) == len(records):
         raise ValueError(
             f"shard {index}: {n} means, {len(std)} stds, {len(texts)} texts, {len(records)} records"
         )
+    for key, array in extra.items():
+        if len(array) != n or f"{key}.npy" in SHARD_FILES or not key.isidentifier():
+            raise ValueError(f"shard {index}: extra array {key!r} ({len(array)} rows) for {n}")
     name = shard_name(index)
     tmp, final = root / f"{name}.tmp", root / name
     if tmp.exists():
@@ -208,9 +214,10 @@ def write_shard(
     save_npy(tmp / "text.npy", text)
     save_npy(tmp / "text_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
     _fsync_write(tmp / "records.jsonl", lambda f: f.write(_records_bytes(records)))
-    files = {
-        f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in SHARD_FILES
-    }
+    for key, array in extra.items():
+        save_npy(tmp / f"{key}.npy", array)
+    names = [*SHARD_FILES, *(f"{key}.npy" for key in extra)]
+    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in names}
     meta = {
         "name": name,
         "num_samples": n,
@@ -307,6 +314,14 @@ class _Shard:
         self.records = np.memmap(folder / "records.jsonl", dtype=np.uint8, mode="r")
         ends = np.flatnonzero(self.records == ord("\n")) + 1
         self.record_offsets = np.concatenate([[0], ends])
+        self.folder = folder
+        self.extra: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        """The extra per-sample array ``<name>.npy``, memory-mapped on first use."""
+        if name not in self.extra:
+            self.extra[name] = open_npy(self.folder / f"{name}.npy")
+        return self.extra[name]
 
 
 class LatentCache:
@@ -448,6 +463,23 @@ class LatentCache:
             mean[rows] = shard.mean[local[rows]]
             std[rows] = shard.std[local[rows]]
         return mean, std
+
+    def has_array(self, name: str) -> bool:
+        """True if every shard stores the extra per-sample array ``<name>.npy``."""
+        return all(f"{name}.npy" in shard["files"] for shard in self.manifest["shards"])
+
+    def read_array(self, name: str, indices: Sequence[int]) -> np.ndarray:
+        """Rows of the extra per-sample array ``<name>.npy`` [B, ...], in the order of indices."""
+        if not self.has_array(name):
+            raise CacheError(f"Cache {self.root} stores no per-sample array {name!r}")
+        shards, local = self.locate(np.asarray(indices))
+        first = self.shard(0).array(name)
+        out = np.empty((len(shards), *first.shape[1:]), first.dtype)
+        for k in np.unique(shards):
+            rows = np.flatnonzero(shards == k)
+            rows = rows[np.argsort(local[rows])]  # ascending reads within the memmap
+            out[rows] = self.shard(int(k)).array(name)[local[rows]]
+        return out
 
     def read_texts(self, indices: Sequence[int]) -> list[np.ndarray]:
         """Valid text tokens [L_i, D] of each index (memory-mapped views, not copies)."""

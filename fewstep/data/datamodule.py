@@ -151,6 +151,8 @@ class CachedLatentDataModule(pl.LightningDataModule):
     ``num_workers=0`` is often fastest (workers pay for sending each batch between processes).
     """
 
+    dataset_class: type[CachedLatentDataset] = CachedLatentDataset  # subclasses add fields
+
     def __init__(
         self,
         path: str,
@@ -227,13 +229,13 @@ class CachedLatentDataModule(pl.LightningDataModule):
         cache, val_cache = self.cache, self._open_val_cache()
         train_idx, val_idx = split_indices(len(cache), self.val_fraction, self.seed)
         opts = {"max_text_length": self.max_text_length, "seed": self.seed}
-        self.train_dataset = CachedLatentDataset(
+        self.train_dataset = self.dataset_class(
             cache, train_idx, self.text_dropout, self.sample_posterior, **opts
         )
         if val_cache is not None:
-            self.val_dataset = CachedLatentDataset(val_cache, **opts)
+            self.val_dataset = self.dataset_class(val_cache, **opts)
         elif len(val_idx):
-            self.val_dataset = CachedLatentDataset(cache, val_idx, **opts)
+            self.val_dataset = self.dataset_class(cache, val_idx, **opts)
 
     def _open_val_cache(self) -> LatentCache | None:
         """The separate validation cache, checked to match the training cache's encoders."""

@@ -8,6 +8,7 @@ sampling ends at the last (usually process.t_clean). `noise` is the state at tim
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -156,23 +157,82 @@ def heun_sample(
     return x.to(noise.dtype)
 
 
+def consistency_sample(
+    denoiser: SamplerDenoiser,
+    noise: Tensor,
+    timesteps: Timesteps,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM, Luo et al. 2023, Alg. 3):
+    x0 = f(x_{t_i}, t_i), then x_{t_{i+1}} = alpha x0 + sigma z with fresh z ~ N(0, I); the end
+    (t_clean: alpha = 1, sigma = 0) returns the last x0 exactly."""
+    ts, x = _times(timesteps), _state(noise)
+    for t, s in zip(ts[:-1], ts[1:], strict=True):
+        x0 = denoiser(x, torch.tensor(t)).x0.to(x.dtype)
+        a_s, s_s = _coefs(denoiser.process, s)
+        x = a_s * x0
+        if s_s > 0:
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + s_s * z
+    return x.to(noise.dtype)
+
+
 class Sampler(ABC):
     """A sampler with its step count and spacing fixed; the process comes from the denoiser, so
     teacher and student go through the same code. `nfe` counts denoiser calls per sample: a
-    ClassifierFreeGuidance denoiser batches cond + uncond, so a guided call still counts 1."""
+    ClassifierFreeGuidance denoiser batches cond + uncond, so a guided call still counts 1.
 
-    def __init__(self, steps: int = 20, spacing: Spacing = "trailing") -> None:
-        self.steps = steps
+    `timesteps` (optional) gives the N process times the denoiser is evaluated at explicitly
+    (e.g. LCM's [999, 759, 499, 259]); it overrides `steps` (set to N) and `spacing`, and sampling
+    ends at process.t_clean. A later `steps = n < N` walks an even subset of them (as LCM's
+    scheduler picks from its origin schedule: entries i * N // n)."""
+
+    def __init__(
+        self,
+        steps: int = 20,
+        spacing: Spacing = "trailing",
+        timesteps: list[float] | None = None,
+    ) -> None:
+        self.custom_timesteps = _custom_times(timesteps)
+        self.steps = steps if self.custom_timesteps is None else len(self.custom_timesteps)
         self.spacing = spacing
 
     def timesteps(self, process: NoiseProcess) -> Tensor:
         """The N + 1 process times this sampler walks."""
-        return process.timesteps(self.steps, self.spacing)
+        if self.custom_timesteps is None:
+            return process.timesteps(self.steps, self.spacing)
+        ts, n = self.custom_timesteps, self.steps
+        if not 1 <= n <= len(ts):
+            raise ValueError(
+                f"{type(self).__name__}: steps={n} but the explicit timesteps {ts} have "
+                f"{len(ts)} entries; use at most {len(ts)} steps or other timesteps."
+            )
+        chosen = [ts[i * len(ts) // n] for i in range(n)]
+        if not (process.t_clean < chosen[-1] and chosen[0] <= process.t_max):
+            raise ValueError(
+                f"{type(self).__name__}: timesteps {ts} must lie in ({process.t_clean}, "
+                f"{process.t_max}] for {type(process).__name__}"
+            )
+        return torch.tensor([*chosen, process.t_clean], dtype=torch.float64)
+
+    def with_steps(self, steps: int) -> Sampler:
+        """A copy walking `steps` steps (a subset of explicit timesteps, if any)."""
+        sampler = copy.copy(self)
+        sampler.steps = steps
+        return sampler
 
     @property
     def nfe(self) -> int:
         """Denoiser evaluations per sample."""
         return self.steps
+
+    def init_args(self) -> dict[str, object]:
+        """The constructor arguments that rebuild this sampler (for configs and checkpoints)."""
+        args = {k: v for k, v in vars(self).items() if k != "custom_timesteps"}
+        if self.custom_timesteps is not None:
+            args["timesteps"] = list(self.custom_timesteps)
+        return args
 
     def __call__(
         self,
@@ -195,15 +255,31 @@ class Sampler(ABC):
 
     def __repr__(self) -> str:
         """Class name and settings, for logs and reports."""
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
         return f"{type(self).__name__}({args})"
+
+
+def _custom_times(timesteps: Sequence[float] | None) -> list[float] | None:
+    """Explicit sampler timesteps as floats, checked to be non-empty and strictly descending."""
+    if timesteps is None:
+        return None
+    ts = [float(t) for t in timesteps]
+    if not ts or any(a <= b for a, b in zip(ts[:-1], ts[1:], strict=False)):
+        raise ValueError(f"Sampler timesteps must be non-empty and strictly descending, got {ts}")
+    return ts
 
 
 class DDIM(Sampler):
     """DDIM sampler (Song et al. 2021); see ddim_sample."""
 
-    def __init__(self, steps: int = 20, eta: float = 0.0, spacing: Spacing = "trailing") -> None:
-        super().__init__(steps, spacing)
+    def __init__(
+        self,
+        steps: int = 20,
+        eta: float = 0.0,
+        spacing: Spacing = "trailing",
+        timesteps: list[float] | None = None,
+    ) -> None:
+        super().__init__(steps, spacing, timesteps)
         self.eta = eta
 
     def sample(
@@ -235,9 +311,13 @@ class DPMSolver2M(Sampler):
     """DPM-Solver++(2M) sampler (Lu et al. 2022b); see dpmpp_2m_sample."""
 
     def __init__(
-        self, steps: int = 20, spacing: Spacing = "trailing", lower_order_final: bool = True
+        self,
+        steps: int = 20,
+        spacing: Spacing = "trailing",
+        lower_order_final: bool = True,
+        timesteps: list[float] | None = None,
     ) -> None:
-        super().__init__(steps, spacing)
+        super().__init__(steps, spacing, timesteps)
         self.lower_order_final = lower_order_final
 
     def sample(
@@ -282,3 +362,18 @@ class Heun(Sampler):
     ) -> Tensor:
         """See the sampling function named in the class docstring."""
         return heun_sample(denoiser, noise, timesteps)
+
+
+class Consistency(Sampler):
+    """Multistep consistency sampler (Song et al. 2023; LCM); see consistency_sample. Pass a
+    generator for reproducible re-noising."""
+
+    def sample(
+        self,
+        denoiser: SamplerDenoiser,
+        noise: Tensor,
+        timesteps: Timesteps,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """See the sampling function named in the class docstring."""
+        return consistency_sample(denoiser, noise, timesteps, generator=generator)

@@ -19,8 +19,9 @@ def reconstruction_geneval(
     metric = ShapesGenEval()
     device = next(vae.parameters()).device
     for start in range(0, num_samples, batch_size):
-        batch = collate_samples([world[i] for i in range(start, min(start + batch_size,
-                                                                      num_samples))])
+        batch = collate_samples(
+            [world[i] for i in range(start, min(start + batch_size, num_samples))]
+        )
         mean, _ = vae.encode_moments(batch["image"].to(device))
         recon = vae.decode_raw(mean).clamp(-1, 1)
         metric.update(recon, [m["spec"] for m in batch["metadata"]])

@@ -174,6 +174,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def guidance_embedder(dim: int) -> nn.Sequential:
+    """The MLP of the optional guidance-scale embedding (shaped like the timestep embedder)."""
+    return nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+def init_guidance_embedder(mlp: nn.Sequential) -> None:
+    """N(0, 0.02) input layer as the timestep embedder; zero output layer, so that adding the
+    embedding leaves the network's function unchanged until it is trained."""
+    nn.init.normal_(mlp[0].weight, std=0.02)
+    nn.init.zeros_(mlp[0].bias)
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+
+
 class DiT(nn.Module):
     """PixArt-Σ DiT (Chen et al. 2024): x_t [B,C,H,W], t [B], text [B,L,Ct] -> [B,C_out,H,W]."""
 
@@ -192,6 +206,7 @@ class DiT(nn.Module):
         qk_norm: bool = False,
         gradient_checkpointing: bool = False,
         caption_projection: bool = True,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -217,6 +232,7 @@ class DiT(nn.Module):
             qk_norm=qk_norm,
             gradient_checkpointing=gradient_checkpointing,
             caption_projection=caption_projection,
+            guidance_embed=guidance_embed,
         )
         self.in_channels = in_channels
         self.patch_size = patch_size
@@ -237,6 +253,7 @@ class DiT(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.g_embedder = guidance_embedder(hidden_size) if guidance_embed else None
         self.y_embedder = (
             Mlp(caption_channels, hidden_size, hidden_size) if caption_projection else None
         )
@@ -276,6 +293,8 @@ class DiT(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.g_embedder is not None:
+            init_guidance_embedder(self.g_embedder)
 
     def pos_embed(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
         """Cached fp32 sin-cos positions [1, h*w, D] for a token grid (diffusers PatchEmbed)."""
@@ -297,6 +316,27 @@ class DiT(nn.Module):
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)  # [B]
         return self.t_embedder(timestep_embedding(t).to(dtype))
 
+    def add_guidance_embedding(self) -> None:
+        """Turn on guidance_embed in place (zero-initialised: the output does not change), e.g. on
+        a student copied from a teacher without it."""
+        if self.g_embedder is not None:
+            return
+        ref = self.t_block[1].weight
+        self.g_embedder = guidance_embedder(self.hidden_size).to(ref.device, ref.dtype)
+        init_guidance_embedder(self.g_embedder)
+        self._config["guidance_embed"] = True
+
+    def embed_guidance(self, scale: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor:
+        """CFG scale s [B] (or scalar) -> [B, D]: sinusoidal features of 1000 (s - 1) through a
+        zero-initialised MLP (LCM's w-conditioning, Luo et al. 2023 §4.2, w = s - 1)."""
+        if self.g_embedder is None:
+            raise ValueError("DiT: got guidance= but was built with guidance_embed=False.")
+        if scale is None:
+            raise ValueError("DiT with guidance_embed=True needs guidance= (the CFG scale).")
+        scale = torch.as_tensor(scale, device=self.t_block[1].weight.device).float()
+        scale = scale.reshape(-1).expand(batch) if scale.numel() == 1 else scale.reshape(batch)
+        return self.g_embedder(timestep_embedding(1000.0 * (scale - 1.0)).to(dtype))
+
     def forward(
         self,
         x: Tensor,
@@ -304,8 +344,10 @@ class DiT(nn.Module):
         text: Tensor,
         text_mask: Tensor | None = None,
         cond: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
-        """Latents [B,C,H,W], t [B], text [B,L,Ct], mask [B,L] (True=valid), cond [B,D]."""
+        """Latents [B,C,H,W], t [B], text [B,L,Ct], mask [B,L] (True=valid), cond [B,D],
+        guidance [B] (CFG scale s, only with guidance_embed)."""
         b, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
@@ -316,6 +358,8 @@ class DiT(nn.Module):
         emb = self.embed_timestep(t, b, x.dtype)  # [B, D]
         if cond is not None:
             emb = emb + cond
+        if guidance is not None or self.g_embedder is not None:
+            emb = emb + self.embed_guidance(guidance, b, x.dtype)
         t6 = self.t_block(emb)  # [B, 6D] shared by all blocks (adaLN-single)
         context = self.y_embedder(text) if self.y_embedder is not None else text  # [B, L, Dc]
         bias = text_attention_bias(text_mask, x.dtype)

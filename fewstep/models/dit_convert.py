@@ -101,6 +101,11 @@ def state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def diffusers_config(dit: DiT) -> dict[str, Any]:
     """The ``PixArtTransformer2DModel`` config of a DiT (PixArt-Σ: no size conditioning)."""
     c = dit.config()
+    if c.get("guidance_embed"):
+        raise ValueError(
+            "DiT with guidance_embed=True cannot be exported: diffusers' PixArt has no "
+            "guidance-scale embedding (distill with guidance_embedding: false to export)."
+        )
     if c["qk_norm"]:
         raise ValueError(
             "DiT with qk_norm=True cannot be exported: diffusers' PixArt has no QK-norm."

@@ -27,11 +27,24 @@ def build(
     """Build (or resume building) a cache at ``out``; rerunning skips finished shards."""
     if vae.scaling_factor is None or float(vae.scaling_factor) == 1.0:
         print("note: the VAE has no measured latent scale (scaling_factor 1.0)")
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    target = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if device == "auto"
+        else device
+    )
     vae = vae.to(target).eval()
     text_encoder = text_encoder.to(target)
     with torch.inference_mode():
-        path = build_cache(dataset, vae, text_encoder, out, shard_size=shard_size,
-                           batch_size=batch_size, dtype=dtype, num_workers=num_workers)
+        path = build_cache(
+            dataset,
+            vae,
+            text_encoder,
+            out,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            dtype=dtype,
+            num_workers=num_workers,
+        )
     return {"cache": str(Path(path))}

@@ -1,0 +1,84 @@
+"""The distillation-method interface the StudentModule drives; methods know nothing of Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.schedules import NoiseProcess
+
+
+@dataclass(eq=False)
+class DistillBatch:
+    """One training batch for a distillation step (cache latents + text, null text, generator)."""
+
+    latents: Tensor  # [B, C, h, w] normalised data latents x0 (scaled like the teacher's)
+    text: Tensor  # [B, L, D] text embeddings (zero-padded)
+    text_mask: Tensor  # [B, L] bool
+    null_text: Tensor  # [B, L0, D] the empty-caption embedding, expanded to the batch
+    null_mask: Tensor  # [B, L0] bool
+    generator: torch.Generator  # all randomness of the step (resume-exact)
+    noise: Tensor | None = None  # [B, C, h, w] coupled noise (CouplingDataModule), else None
+
+    @property
+    def cond(self) -> dict[str, Tensor]:
+        """The conditional keyword arguments of a Denoiser call."""
+        return {"text": self.text, "text_mask": self.text_mask}
+
+    @property
+    def uncond(self) -> dict[str, Tensor]:
+        """The unconditional (null-caption) keyword arguments of a Denoiser call."""
+        return {"text": self.null_text, "text_mask": self.null_mask}
+
+
+@dataclass(eq=False)
+class Models:
+    """The networks a method sees: trainable student, frozen teacher, and the teacher's process."""
+
+    student: Denoiser  # over the TRAINABLE student network
+    teacher: Denoiser  # over the frozen teacher network (requires_grad False, eval mode)
+    process: NoiseProcess  # the teacher's process (DiscreteDDPM or RectifiedFlow)
+
+
+class DistillationMethod(nn.Module):
+    """A distillation method: the losses of one student step and any trainable extras.
+
+    Trainable extras (e.g. LADD discriminator heads) are registered submodules: the StudentModule
+    optimises them with the second optimiser and checkpoints them. Frozen helper copies (e.g. the
+    consistency EMA target) are kept out of parameters() (plain attributes or buffers) but saved
+    via state_dict hooks or `get_extra_state` so that resume is exact.
+    """
+
+    num_optimizers: ClassVar[int] = 1  # 2 for adversarial methods
+
+    def setup(self, models: Models) -> None:
+        """Called once before training (and before loading a checkpoint into the method)."""
+
+    def student_denoiser(self, student: Denoiser) -> Denoiser:
+        """What the student's sampler calls after `.bind(text=..., text_mask=...)` (a Denoiser or
+        subclass, e.g. with boundary conditions); identity by default."""
+        return student
+
+    def generator_loss(
+        self, batch: DistillBatch, models: Models
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss the student optimiser minimises + detached scalars to log (no prefix)."""
+        raise NotImplementedError
+
+    def discriminator_loss(
+        self, batch: DistillBatch, models: Models
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The second optimiser's loss (only for num_optimizers == 2)."""
+        raise NotImplementedError(f"{type(self).__name__} has no discriminator")
+
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        """The second optimiser's parameters."""
+        return iter(())
+
+    def after_student_step(self, models: Models) -> None:
+        """Hook after each student optimiser step (e.g. the EMA-target update)."""

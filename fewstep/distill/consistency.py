@@ -1,0 +1,344 @@
+"""Latent consistency distillation (Luo et al. 2023, LCM, arXiv:2310.04378, Alg. 1; PixArt-δ,
+Chen et al. 2024, arXiv:2401.05252): the student f_θ learns to map any point of the teacher's
+guided probability-flow ODE to its origin, f_θ(x_{t_{n+k}}, t_{n+k}) ≈ f_θ⁻(x̂_{t_n}, t_n), where
+x̂_{t_n} is one teacher ODE-solver step with classifier-free guidance folded in and θ⁻ is an EMA
+of θ (the target network). Sampled in 1-4 steps by `fewstep.diffusion.samplers.Consistency`."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.diffusion.denoiser import Denoised, Denoiser, batch_time
+from fewstep.diffusion.guidance import batch_conditions
+from fewstep.diffusion.schedules import NoiseProcess, RectifiedFlow, broadcast
+from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+
+Boundary = Literal["auto", "lcm", "x0"]
+Solver = Literal["auto", "ddim", "euler"]
+Loss = Literal["huber", "l2"]
+GuidanceScale = float | tuple[float, float]
+
+
+def lcm_boundary(
+    t: Tensor, process: NoiseProcess, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) = (σ_d² / (Δ² + σ_d²), Δ / sqrt(Δ² + σ_d²)), Δ = timestep_scaling ·
+    (model_time(t) - model_time(t_clean)) (Song et al. 2023, eq. 7 / App. C; LCM's
+    scaled form): c_skip = 1 and c_out = 0 exactly at t = t_clean."""
+    t = t.to(torch.float64)
+    clean = torch.full_like(t, process.t_clean)
+    delta = timestep_scaling * (process.model_time(t) - process.model_time(clean))
+    denom = delta**2 + sigma_data**2
+    return sigma_data**2 / denom, delta / denom.sqrt()
+
+
+@dataclass(eq=False)
+class ConsistencyDenoiser(Denoiser):
+    """The student as a consistency function f(x, t) = c_skip(t) x + c_out(t) x̂0_θ(x, t).
+
+    boundary "lcm": c_skip, c_out of `lcm_boundary`. boundary "x0": c_skip = 0, c_out = 1, i.e.
+    f = x̂0_θ; for a rectified flow with velocity prediction this is f(x, t) = x - t v_θ(x, t)
+    (c_skip = 1, c_out = -t on v), exact at t = 0 with no scaling constant (likewise for ε/v
+    prediction, since sigma(t_clean) = 0 and alpha(t_clean) = 1). Either way f(x, t_clean) = x.
+    With `guidance` set (a w-conditioned student) it is passed to the network as the CFG scale
+    unless the call gives ``guidance=`` itself. eps is re-derived from x = alpha f + sigma eps.
+    """
+
+    boundary: Literal["lcm", "x0"] = "lcm"
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    guidance: float | None = None
+
+    def __call__(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Denoised:
+        """The boundary-conditioned estimate (x0 = f(x, t), eps consistent with it)."""
+        t = batch_time(t, x)
+        if self.guidance is not None and "guidance" not in cond:
+            cond["guidance"] = torch.full((x.shape[0],), self.guidance, device=x.device)
+        d = super().__call__(x, t, **cond)
+        x = x.to(d.x0.dtype)
+        if self.boundary == "lcm":
+            c_skip, c_out = lcm_boundary(t, self.process, self.sigma_data, self.timestep_scaling)
+            x0 = broadcast(c_skip, x) * x + broadcast(c_out, x) * d.x0
+        else:
+            x0 = d.x0
+        alpha, sigma = (broadcast(c, x) for c in self.process.alpha_sigma(t))
+        eps = torch.where(sigma > 0, (x - alpha * x0) / sigma.clamp(min=1e-12), d.eps)
+        return Denoised(x0, eps)
+
+
+def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
+    """mean(sqrt((pred - target)² + c²) - c), elementwise (Song & Dhariwal 2023, iCT §3.3; LCM's
+    code); exactly 0 when pred == target."""
+    diff = pred.float() - target.float()
+    return (torch.sqrt(diff * diff + c * c) - c).mean()
+
+
+def consistency_loss(pred: Tensor, target: Tensor, kind: Loss = "huber", c: float = 1e-3) -> Tensor:
+    """Distance d(f_θ, f_θ⁻) of LCM eq. 10: pseudo-Huber with constant c, or mean squared error."""
+    if kind == "huber":
+        return pseudo_huber(pred, target, c)
+    if kind == "l2":
+        return (pred.float() - target.float()).pow(2).mean()
+    raise ValueError(f"ConsistencyDistillation: loss must be 'huber' or 'l2', got {kind!r}")
+
+
+def guided_teacher(
+    teacher: Denoiser,
+    x: Tensor,
+    t: Tensor,
+    scale: Tensor,
+    cond: dict[str, Tensor],
+    uncond: dict[str, Tensor],
+) -> Denoised:
+    """CFG with a per-sample scale s [B]: D = D_u + s (D_c - D_u) (Ho & Salimans 2022, eq. 6;
+    LCM eq. 12 with w = s - 1), cond and uncond in one 2B batch; s ≡ 1 is the conditional pass."""
+    if bool((scale == 1.0).all()):
+        return teacher(x, t, **cond)
+    both = teacher(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(cond, uncond))
+    (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)  # [2B] -> 2 x [B]
+    s = broadcast(scale, x0_c)
+    return Denoised(x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u))
+
+
+def ddim_solver_step(d: Denoised, s: Tensor, process: NoiseProcess) -> Tensor:
+    """Deterministic DDIM step to time s [B]: x_s = alpha_s x̂0 + sigma_s ε̂ (Song et al. 2021,
+    eq. 12 at eta = 0; LCM's Ψ for DDPM teachers)."""
+    alpha, sigma = process.alpha_sigma(s)
+    return broadcast(alpha, d.x0) * d.x0 + broadcast(sigma, d.x0) * d.eps
+
+
+def euler_solver_step(
+    d: Denoised, x: Tensor, t: Tensor, s: Tensor, process: NoiseProcess
+) -> Tensor:
+    """Euler step of the probability-flow ODE, x_s = x_t + (s - t) v, v = alpha'(t) x̂0 +
+    sigma'(t) ε̂ (rectified flow: ε̂ - x̂0; Liu et al. 2022, eq. 1)."""
+    d_alpha, d_sigma = process.alpha_sigma_derivative(t)
+    x = x.to(d.x0.dtype)
+    v = broadcast(d_alpha, x) * d.x0 + broadcast(d_sigma, x) * d.eps
+    return x + broadcast((s - t).to(torch.float64), x) * v
+
+
+def skipping_schedule(process: NoiseProcess, num_solver_steps: int) -> Tensor:
+    """The teacher-solver grid: N + 1 descending times with skip k = num_train_timesteps // N
+    between neighbours (LCM §4.3, "skipping-step"; DDPM: 999, 979, ..., 19, then t_clean)."""
+    return process.timesteps(num_solver_steps, "trailing")
+
+
+class ConsistencyDistillation(DistillationMethod):
+    """Latent consistency distillation (LCM, Luo et al. 2023, Alg. 1).
+
+    Per sample: n ~ U{0..N-1} on the skipping-step grid, t = t_n > s = t_{n+1}; x_t = alpha_t x0
+    + sigma_t ε; x̂_s = Ψ(x_t, t, s; guided teacher with scale w); loss d(f_θ(x_t, t, w),
+    f_θ⁻(x̂_s, s, w)). `guidance_scale` is a fixed CFG scale or a (min, max) range sampled
+    uniformly per sample; with `guidance_embedding` the student is w-conditioned (LCM §4.2) and
+    sampled at `sample_guidance_scale`. The target θ⁻ starts equal to the student and follows it
+    with `target_decay` after each student step; it is no parameter but is saved (extra state).
+    """
+
+    def __init__(
+        self,
+        num_solver_steps: int = 50,
+        guidance_scale: GuidanceScale = 4.5,
+        guidance_embedding: bool = False,
+        sample_guidance_scale: float | None = None,
+        target_decay: float = 0.95,
+        loss: Loss = "huber",
+        huber_c: float = 1e-3,
+        boundary: Boundary = "auto",
+        sigma_data: float = 0.5,
+        timestep_scaling: float = 10.0,
+        solver: Solver = "auto",
+    ) -> None:
+        super().__init__()
+        _check(num_solver_steps, guidance_scale, target_decay, loss, boundary, solver)
+        self.num_solver_steps = num_solver_steps
+        self.guidance_scale = guidance_scale
+        self.guidance_embedding = guidance_embedding
+        self.sample_guidance_scale = sample_guidance_scale
+        self.target_decay, self.loss, self.huber_c = target_decay, loss, huber_c
+        self.boundary, self.sigma_data = boundary, sigma_data
+        self.timestep_scaling = timestep_scaling
+        self.solver = solver
+        self._target: list[nn.Module] = []  # [θ⁻], a plain list: not a parameter or submodule
+        self._pending: dict[str, Tensor] | None = None
+
+    # --- set-up and the EMA target ---------------------------------------------------------
+
+    def setup(self, models: Models) -> None:
+        """Give the student its guidance embedding (if asked) and make θ⁻ = θ."""
+        if self.guidance_embedding:
+            add = getattr(models.student.net, "add_guidance_embedding", None)
+            if add is None:
+                raise ValueError(
+                    "ConsistencyDistillation(guidance_embedding=True) needs a student network "
+                    f"with add_guidance_embedding() (fewstep DiT); got {type(models.student.net)}"
+                )
+            add()
+        target = copy.deepcopy(models.student.net).requires_grad_(False).eval()
+        self._target = [target]
+        if self._pending is not None:
+            self._load_target(self._pending)
+
+    @property
+    def target_network(self) -> nn.Module:
+        """θ⁻, the frozen EMA copy of the student network."""
+        if not self._target:
+            raise RuntimeError("ConsistencyDistillation: call setup(models) first")
+        return self._target[0]
+
+    def _target_on(self, student: nn.Module) -> nn.Module:
+        """θ⁻ on the student's device and dtype."""
+        target, ref = self.target_network, next(student.parameters())
+        mine = next(target.parameters())
+        if (mine.device, mine.dtype) != (ref.device, ref.dtype):
+            target.to(ref.device, ref.dtype)
+        return target
+
+    @torch.no_grad()
+    def after_student_step(self, models: Models) -> None:
+        """θ⁻ ← decay θ⁻ + (1 - decay) θ (LCM Alg. 1, last line)."""
+        target = self._target_on(models.student.net)
+        student = dict(models.student.net.named_parameters())
+        pairs = [(p, student[n]) for n, p in target.named_parameters() if n in student]
+        torch._foreach_lerp_(
+            [p for p, _ in pairs], [q.detach() for _, q in pairs], 1.0 - self.target_decay
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """θ⁻'s weights, so that resume is exact."""
+        if not self._target:
+            return {"target": self._pending or {}}
+        return {"target": self.target_network.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore θ⁻ (kept until setup if the target is not built yet)."""
+        if self._target:
+            self._load_target(state["target"])
+        else:
+            self._pending = state["target"]
+
+    def _load_target(self, weights: dict[str, Tensor]) -> None:
+        """Copy saved weights into θ⁻."""
+        if weights:
+            self.target_network.load_state_dict(weights, strict=True)
+        self._pending = None
+
+    # --- the consistency function ----------------------------------------------------------
+
+    def resolved_boundary(self, process: NoiseProcess) -> Literal["lcm", "x0"]:
+        """'auto': the exact x0 form for flows, LCM's c_skip/c_out otherwise."""
+        if self.boundary != "auto":
+            return self.boundary
+        return "x0" if isinstance(process, RectifiedFlow) else "lcm"
+
+    def default_sample_scale(self) -> float:
+        """The CFG scale a w-conditioned student is sampled at (the range's midpoint)."""
+        if self.sample_guidance_scale is not None:
+            return self.sample_guidance_scale
+        scale = self.guidance_scale
+        return float(scale) if isinstance(scale, int | float) else 0.5 * (scale[0] + scale[1])
+
+    def consistency_function(self, denoiser: Denoiser) -> ConsistencyDenoiser:
+        """``denoiser``'s network as a boundary-conditioned consistency function."""
+        return ConsistencyDenoiser(
+            denoiser.net,
+            denoiser.process,
+            denoiser.prediction,
+            denoiser.learned_sigma,
+            boundary=self.resolved_boundary(denoiser.process),
+            sigma_data=self.sigma_data,
+            timestep_scaling=self.timestep_scaling,
+            guidance=self.default_sample_scale() if self.guidance_embedding else None,
+        )
+
+    def student_denoiser(self, student: Denoiser) -> Denoiser:
+        """The student as f_θ (boundary conditions, sampling guidance scale)."""
+        return self.consistency_function(student)
+
+    # --- one training step -----------------------------------------------------------------
+
+    def sample_scales(self, batch: int, device: torch.device, generator: torch.Generator) -> Tensor:
+        """Per-sample CFG scales [B]: fixed, or U[min, max] (LCM §4.2 samples w per sample)."""
+        scale = self.guidance_scale
+        if isinstance(scale, int | float):
+            return torch.full((batch,), float(scale), device=device)
+        lo, hi = scale
+        u = torch.rand(batch, generator=generator, device=device)
+        return lo + (hi - lo) * u
+
+    def sample_times(
+        self, batch: int, process: NoiseProcess, device: torch.device, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """(t, s) [B] each: neighbours t_n > t_{n+1} of the skipping-step grid, n uniform."""
+        grid = skipping_schedule(process, self.num_solver_steps).to(device)
+        n = torch.randint(0, self.num_solver_steps, (batch,), generator=generator, device=device)
+        return grid[n], grid[n + 1]
+
+    def solver_step(
+        self, teacher: Denoised, x: Tensor, t: Tensor, s: Tensor, process: NoiseProcess
+    ) -> Tensor:
+        """Ψ(x_t, t → s): DDIM for DDPM teachers, Euler for flow teachers (`solver`)."""
+        solver = self.solver
+        if solver == "auto":
+            solver = "euler" if isinstance(process, RectifiedFlow) else "ddim"
+        if solver == "euler":
+            return euler_solver_step(teacher, x, t, s, process)
+        return ddim_solver_step(teacher, s, process)
+
+    def generator_loss(
+        self, batch: DistillBatch, models: Models
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """LCM Alg. 1: d(f_θ(x_t, t), f_θ⁻(Ψ(x_t, t → s), s)) with the guided teacher."""
+        x0, g = batch.latents, batch.generator
+        b, device, process = x0.shape[0], x0.device, models.process
+        t, s = self.sample_times(b, process, device, g)
+        scale = self.sample_scales(b, device, g)
+        eps = torch.randn(x0.shape, generator=g, device=device, dtype=torch.float32)
+        x_t = process.add_noise(x0.float(), eps, t).to(x0.dtype)
+        cond = batch.cond
+        extra = {"guidance": scale} if self.guidance_embedding else {}
+        student = self.consistency_function(models.student)
+        pred = student(x_t, t, **cond, **extra).x0
+        with torch.no_grad():
+            guided = guided_teacher(models.teacher, x_t, t, scale, cond, batch.uncond)
+            x_s = self.solver_step(guided, x_t, t, s, process).to(x0.dtype)
+            target_net = self._target_on(models.student.net)
+            target = self.consistency_function(
+                Denoiser(
+                    target_net, process, models.student.prediction, models.student.learned_sigma
+                )
+            )
+            target_x0 = target(x_s, s, **cond, **extra).x0
+        loss = consistency_loss(pred, target_x0, self.loss, self.huber_c)
+        logs = {"consistency_loss": loss.detach(), "guidance_scale": scale.mean()}
+        return loss, logs
+
+
+def _check(
+    num_solver_steps: int,
+    guidance_scale: GuidanceScale,
+    target_decay: float,
+    loss: str,
+    boundary: str,
+    solver: str,
+) -> None:
+    """Reject bad ConsistencyDistillation arguments, naming the field."""
+    scales = [guidance_scale] if isinstance(guidance_scale, int | float) else list(guidance_scale)
+    problems = {
+        "num_solver_steps must be >= 1": num_solver_steps < 1,
+        "guidance_scale must be a float or a [min, max] pair with min <= max": len(scales)
+        not in (1, 2)
+        or (len(scales) == 2 and scales[0] > scales[1]),
+        "target_decay must be in [0, 1]": not 0.0 <= target_decay <= 1.0,
+        "loss must be 'huber' or 'l2'": loss not in ("huber", "l2"),
+        "boundary must be 'auto', 'lcm' or 'x0'": boundary not in ("auto", "lcm", "x0"),
+        "solver must be 'auto', 'ddim' or 'euler'": solver not in ("auto", "ddim", "euler"),
+    }
+    for message, bad in problems.items():
+        if bad:
+            raise ValueError(f"ConsistencyDistillation: {message}")

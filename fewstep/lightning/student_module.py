@@ -1,0 +1,618 @@
+"""Distilling a frozen teacher into a few-step student with one DistillationMethod object, and
+validating the student against the teacher: GenEval-protocol shapes scores, fidelity to the
+teacher's samples from the same noise, NFE and measured latency."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from fewstep.data.prompts import CATEGORIES
+from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.samplers import Sampler
+from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+from fewstep.eval.geneval import ShapesGenEval, specs_of, tensor_to_hwc
+from fewstep.eval.grid import captioned_grid
+from fewstep.lightning.sampling import (
+    NullText,
+    datamodule_null_text,
+    fixed_noise,
+    generate,
+    mix_seed,
+)
+from fewstep.lightning.teacher_module import TeacherModule, default_optimizer
+from fewstep.models.vae import VAE
+from fewstep.tools.export import apply_ema, ema_state, load_checkpoint, load_module
+from fewstep.utils.fingerprint import weights_hash
+
+TEACHER_PREFIX = "teacher."
+
+
+class TeacherMismatchError(RuntimeError):
+    """The teacher weights differ from those the student checkpoint was distilled from."""
+
+
+def load_teacher(config: str, ckpt: str, use_ema: bool = True) -> pl.LightningModule:
+    """The teacher LightningModule of a fit YAML (its ``model:`` section) with the checkpoint's
+    weights, the EMA average in place when ``use_ema``; frozen (requires_grad False, eval)."""
+    module = load_module(config)
+    state = load_checkpoint(ckpt)
+    try:
+        module.load_state_dict(state["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"StudentModule teacher_ckpt '{ckpt}' does not fit the model of teacher_config "
+            f"'{config}': {err}"
+        ) from None
+    if use_ema:
+        ema = ema_state(state)
+        if ema is None:
+            raise ValueError(
+                f"StudentModule: teacher_ckpt '{ckpt}' has no EMA average; set "
+                "model.init_args.use_teacher_ema=false to distill the raw trained weights."
+            )
+        apply_ema(module, ema)
+    return module.requires_grad_(False).eval()
+
+
+def psnr(images: Tensor, reference: Tensor) -> Tensor:
+    """Per-image PSNR in dB [B] of images in [-1, 1] (peak-to-peak 2): 10 log10(4 / MSE)."""
+    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
+def sampler_record(sampler: Sampler, steps: Iterable[int], process: Any) -> dict[str, Any]:
+    """A sampler as plain data: class_path, init_args and the timesteps walked per step count."""
+    cls = type(sampler)
+    walked = {int(n): sampler.with_steps(int(n)).timesteps(process).tolist() for n in steps}
+    return {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": sampler.init_args(),
+        "timesteps": walked,
+    }
+
+
+class StudentModule(pl.LightningModule):
+    """Trains a student network (initialised from the teacher's EMA weights) with ``method``.
+
+    The teacher (from ``teacher_config`` + ``teacher_ckpt``) is frozen: never optimised, never
+    EMA-averaged (the EMA callback averages ``ema_target`` = the student), and not saved in
+    checkpoints — only its identity (paths + sha256 of its weights), verified on resume. With
+    ``method.num_optimizers == 2`` training uses manual optimisation (student step, then the
+    method's discriminator step); clip with ``gradient_clip_val`` here (Lightning refuses
+    Trainer.gradient_clip_val under manual optimisation; in automatic mode either works).
+
+    The student is sampled by ``sampler`` (its schedule is saved in checkpoints) through
+    ``method.student_denoiser`` and the same Sampler code as the teacher. Validation compares,
+    for each n in ``eval_steps``, the student's n-step samples with the teacher's reference
+    samples (``teacher_sampler`` + ``guidance_scale``) from the same noise; NFE counts network
+    forward passes per image (a CFG step costs 2).
+    """
+
+    def __init__(
+        self,
+        teacher_config: str,
+        teacher_ckpt: str,
+        method: DistillationMethod,
+        sampler: Sampler,
+        eval_steps: list[int] | None = None,
+        guidance_scale: float | None = None,
+        teacher_sampler: Sampler | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        disc_optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        vae_path: str | None = None,
+        val_num_samples: int = 64,
+        seed: int = 0,
+        use_teacher_ema: bool = True,
+        disc_lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        student_network: nn.Module | None = None,
+        grid_samples: int = 8,
+    ) -> None:
+        super().__init__()
+        objects = ["method", "sampler", "teacher_sampler", "student_network"]
+        callables = ["optimizer", "disc_optimizer", "lr_scheduler", "disc_lr_scheduler"]
+        self.save_hyperparameters(ignore=[*objects, *callables])
+        self.eval_steps = [int(n) for n in (eval_steps if eval_steps is not None else [1, 2, 4])]
+        if val_num_samples < 0 or any(n < 1 for n in self.eval_steps):
+            raise ValueError(
+                f"StudentModule: val_num_samples must be >= 0 and eval_steps >= 1, got "
+                f"{val_num_samples} and {self.eval_steps}"
+            )
+        reference = load_teacher(teacher_config, teacher_ckpt, use_teacher_ema)
+        self.teacher = reference.network  # registered (moves with the module), stripped on save
+        self.process, self.prediction = reference.process, reference.prediction
+        self.teacher_identity = {
+            "config": str(teacher_config),
+            "ckpt": str(teacher_ckpt),
+            "sha256": weights_hash(self.teacher),
+            "use_ema": bool(use_teacher_ema),
+        }
+        self.guidance_scale = float(
+            guidance_scale if guidance_scale is not None else reference.guidance_scale
+        )
+        self.teacher_sampler = teacher_sampler or reference.sampler
+        self.vae_path = vae_path if vae_path is not None else getattr(reference, "vae_path", None)
+        self.student = (
+            student_network
+            if student_network is not None
+            else copy.deepcopy(self.teacher).requires_grad_(True)
+        ).train()
+        self.method, self.sampler = method, sampler
+        for n in self.eval_steps:  # fail now, not at the first validation
+            try:
+                sampler.with_steps(n).timesteps(self.process)
+            except ValueError as err:
+                raise ValueError(f"StudentModule eval_steps={self.eval_steps}: {err}") from None
+        self.optimizer, self.disc_optimizer = optimizer, disc_optimizer
+        self.lr_scheduler, self.disc_lr_scheduler = lr_scheduler, disc_lr_scheduler
+        self.gradient_clip_val, self.gradient_clip_algorithm = (
+            gradient_clip_val,
+            gradient_clip_algorithm,
+        )
+        self.val_num_samples, self.seed, self.grid_samples = val_num_samples, seed, grid_samples
+        self.automatic_optimization = method.num_optimizers == 1
+        self.method.setup(self.models)
+        self._build_metrics()
+        self._frozen: dict[str, VAE] = {}  # unregistered: never saved, optimised or EMA'd
+        self._null_text: NullText | None = None
+        self._val_scored = 0
+        self._grid: dict[str, list[np.ndarray]] = {}
+        self._captions: list[str] = []
+
+    # --- networks ------------------------------------------------------------------------------
+
+    @property
+    def ema_target(self) -> nn.Module:
+        """The network the EMA callback averages: the student only."""
+        return self.student
+
+    @staticmethod
+    def _learned_sigma(net: nn.Module) -> bool:
+        """Whether a network also outputs variance channels."""
+        return bool(getattr(net, "learn_sigma", False))
+
+    @property
+    def models(self) -> Models:
+        """Student and teacher as denoisers on the teacher's process (built per call)."""
+        student = Denoiser(
+            self.student, self.process, self.prediction, self._learned_sigma(self.student)
+        )
+        teacher = Denoiser(
+            self.teacher, self.process, self.prediction, self._learned_sigma(self.teacher)
+        )
+        return Models(student=student, teacher=teacher, process=self.process)
+
+    def train(self, mode: bool = True) -> StudentModule:
+        """Train mode for everything but the frozen teacher, which stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @property
+    def vae(self) -> VAE | None:
+        """The frozen VAE from ``vae_path`` (loaded once, on this module's device), or None."""
+        if self.vae_path is None:
+            return None
+        if "vae" not in self._frozen:
+            try:
+                vae = VAE.from_pretrained(self.vae_path)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"StudentModule vae_path: {err}") from None
+            self._frozen["vae"] = vae.requires_grad_(False).eval()
+        return self._frozen["vae"].to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Load the VAE early so a bad ``vae_path`` fails before training starts."""
+        _ = self.vae
+
+    def decode(self, latents: Tensor) -> Tensor | None:
+        """Normalised latents -> images [B, 3, H, W] in [-1, 1], or None without a VAE."""
+        return TeacherModule.decode(self, latents)
+
+    def null_text(self) -> NullText | None:
+        """The empty-caption embedding from the datamodule (cached)."""
+        if self._null_text is None and self._trainer is not None:
+            self._null_text = datamodule_null_text(self.trainer.datamodule)
+        return self._null_text
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    def student_sampler(self, steps: int) -> Sampler:
+        """The student's sampler walking ``steps`` steps."""
+        return self.sampler.with_steps(steps)
+
+    def student_latents(
+        self,
+        text: Tensor,
+        text_mask: Tensor,
+        noise: Tensor,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Student samples from ``noise`` through ``method.student_denoiser`` (no CFG)."""
+        sampler = self.sampler if steps is None else self.student_sampler(steps)
+        denoiser = self.method.student_denoiser(self.models.student)
+        return sampler(denoiser.bind(text=text, text_mask=text_mask.bool()), noise, generator)
+
+    def teacher_latents(self, text: Tensor, text_mask: Tensor, noise: Tensor) -> Tensor:
+        """The teacher's reference samples (``teacher_sampler`` at ``guidance_scale``)."""
+        return generate(
+            self.teacher,
+            self.process,
+            self.prediction,
+            self._learned_sigma(self.teacher),
+            self.teacher_sampler,
+            text,
+            text_mask,
+            self.null_text() if self.guidance_scale != 1.0 else None,
+            self.guidance_scale,
+            noise,
+        )
+
+    @property
+    def teacher_nfe(self) -> int:
+        """Teacher network passes per image: sampler NFE, doubled by CFG."""
+        return self.teacher_sampler.nfe * (1 if self.guidance_scale == 1.0 else 2)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def distill_batch(self, batch: dict[str, Any], generator: torch.Generator) -> DistillBatch:
+        """The method's view of a CachedLatentDataModule batch."""
+        null = self.null_text()
+        if null is None:
+            raise ValueError(
+                "StudentModule needs the empty-caption embedding: the datamodule has no "
+                "null_text() (use fewstep.data.datamodule.CachedLatentDataModule)."
+            )
+        x0, text = batch["latents"], batch["text"]
+        b = x0.shape[0]
+        null_text = null[0].to(text.device, text.dtype).expand(b, *null[0].shape[1:])
+        null_mask = null[1].to(text.device).bool().expand(b, *null[1].shape[1:])
+        return DistillBatch(
+            latents=x0,
+            text=text,
+            text_mask=batch["text_mask"].bool(),
+            null_text=null_text,
+            null_mask=null_mask,
+            generator=generator,
+            noise=batch.get("noise"),
+        )
+
+    def _generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator:
+        """RNG of this step from (seed, global_step, rank, micro-batch): resume-exact."""
+        micro = batch_idx % max(self.trainer.accumulate_grad_batches, 1)
+        seed = mix_seed(self.seed, self.global_step, self.global_rank, micro)
+        return torch.Generator(device=batch["latents"].device).manual_seed(seed)
+
+    def _log_losses(self, prefix: str, loss: Tensor, logs: dict[str, Tensor], b: int) -> None:
+        """Log a loss and the method's scalars under ``prefix``."""
+        self.log(f"{prefix}loss", loss.detach(), prog_bar=True, batch_size=b)
+        for name, value in logs.items():
+            self.log(f"{prefix}{name}", value.detach().float(), batch_size=b)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        """One distillation step (automatic), or student + discriminator steps (manual)."""
+        distill = self.distill_batch(batch, self._generator(batch, batch_idx))
+        b = distill.latents.shape[0]
+        if self.automatic_optimization:
+            loss, logs = self.method.generator_loss(distill, self.models)
+            self._log_losses("train/", loss, logs, b)
+            return loss
+        self._manual_step(distill)
+        return None
+
+    def _manual_step(self, batch: DistillBatch) -> None:
+        """Student step then discriminator step, each with only its own parameters trainable
+        (toggled), backward through the precision plugin, gradients clipped in
+        ``on_before_optimizer_step`` (after AMP unscaling); schedulers stepped per batch."""
+        opt_g, opt_d = self.optimizers()
+        b = batch.latents.shape[0]
+        with self.toggled_optimizer(opt_g):
+            loss, logs = self.method.generator_loss(batch, self.models)
+            self.manual_backward(loss)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+        self.method.after_student_step(self.models)
+        self._log_losses("train/", loss, logs, b)
+        with self.toggled_optimizer(opt_d):
+            loss, logs = self.method.discriminator_loss(batch, self.models)
+            self.manual_backward(loss)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        self._log_losses("train/disc_", loss, logs, b)
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if scheduler is not None:
+                scheduler.step()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Automatic optimisation: the optimiser step, then the method's after-step hook."""
+        super().optimizer_step(*args, **kwargs)
+        self.method.after_student_step(self.models)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Automatic mode: Trainer.gradient_clip_val if set, else this module's."""
+        val = gradient_clip_val if gradient_clip_val is not None else self.gradient_clip_val
+        algorithm = gradient_clip_algorithm or self.gradient_clip_algorithm
+        if val:
+            self.clip_gradients(optimizer, val, algorithm)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Manual mode: clip each optimiser's gradients (called after AMP unscaling)."""
+        if not self.automatic_optimization and self.gradient_clip_val:
+            self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+
+    def configure_optimizers(self) -> Any:
+        """Student optimiser (+ the method's discriminator optimiser), per-step schedulers."""
+        student = [p for p in self.student.parameters() if p.requires_grad]
+        optimizers = [self.optimizer(student)]
+        factories = [self.lr_scheduler]
+        if self.method.num_optimizers == 2:
+            disc = [p for p in self.method.discriminator_parameters() if p.requires_grad]
+            if not disc:
+                raise ValueError(
+                    f"{type(self.method).__name__} has num_optimizers=2 but no "
+                    "discriminator_parameters()"
+                )
+            optimizers.append(self.disc_optimizer(disc))
+            factories.append(self.disc_lr_scheduler)
+        configs = []
+        for opt, factory in zip(optimizers, factories, strict=True):
+            config: dict[str, Any] = {"optimizer": opt}
+            if factory is not None:
+                config["lr_scheduler"] = {"scheduler": factory(opt), "interval": "step"}
+            configs.append(config)
+        return configs[0] if len(configs) == 1 else configs
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the teacher's weights (keep its identity) and record the student's schedule."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        checkpoint["teacher"] = dict(self.teacher_identity)
+        walked = self.method.student_denoiser(self.models.student).process  # e.g. flow view
+        checkpoint["student_sampler"] = sampler_record(
+            self.sampler, sorted({*self.eval_steps, self.sampler.steps}), walked
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the teacher is the one the student was distilled from, and put its (not
+        saved) weights back into the state dict so that strict loading works."""
+        saved = checkpoint.get("teacher")
+        if saved is None:
+            raise TeacherMismatchError(
+                "StudentModule: this checkpoint records no teacher identity (not a "
+                "StudentModule checkpoint?)"
+            )
+        if saved["sha256"] != self.teacher_identity["sha256"]:
+            raise TeacherMismatchError(
+                f"StudentModule: the teacher in teacher_ckpt '{self.teacher_identity['ckpt']}' "
+                f"(sha256 {self.teacher_identity['sha256'][:12]}, use_ema="
+                f"{self.teacher_identity['use_ema']}) is not the teacher this checkpoint was "
+                f"distilled from ('{saved['ckpt']}', sha256 {saved['sha256'][:12]}, use_ema="
+                f"{saved.get('use_ema')}); point model.init_args.teacher_ckpt at that file."
+            )
+        state = checkpoint["state_dict"]
+        for name, value in self.teacher.state_dict().items():
+            state.setdefault(TEACHER_PREFIX + name, value)
+
+    # --- validation ----------------------------------------------------------------------------
+
+    @property
+    def eval_keys(self) -> list[str]:
+        """Metric prefixes: "teacher", then "student_<n>" per n in eval_steps."""
+        return ["teacher", *(f"student_{n}" for n in self.eval_steps)]
+
+    def _build_metrics(self) -> None:
+        """Per-key GenEval, fidelity and latency accumulators (synced across ranks)."""
+        self.val_geneval = nn.ModuleDict({k: ShapesGenEval() for k in self.eval_keys})
+        names = ["latent_mse", "psnr", "ms_per_image"]
+        self.val_means = nn.ModuleDict(
+            {f"{k}__{m}": MeanMetric() for k in self.eval_keys for m in names}
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the sample budget, grids and accumulators."""
+        self._val_scored, self._grid, self._captions = 0, {}, []
+        for metric in [*self.val_geneval.values(), *self.val_means.values()]:
+            metric.reset()
+
+    def _timed(self, fn: Callable[[], Tensor], count: int) -> tuple[Tensor, float]:
+        """fn()'s result and its wall time in ms per image (device-synchronised)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        return out, 1000.0 * (time.perf_counter() - start) / count
+
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Teacher and n-step student samples from the same fixed noise: scores, fidelity, time."""
+        budget = self.val_num_samples - self._val_scored
+        rows = list(range(min(len(batch["index"]), max(budget, 0))))
+        if not rows:
+            return
+        x0 = batch["latents"]
+        text, mask = batch["text"][rows], batch["text_mask"][rows].bool()
+        indices = batch["index"][rows].tolist()
+        noise = fixed_noise(x0.shape[1:], indices, self.seed, x0.device)
+        specs = [specs_of(batch["metadata"])[i] for i in rows]
+        if self._val_scored == 0:  # warm-up (kernels, caches) outside the timings
+            self.teacher_latents(text[:1], mask[:1], noise[:1])
+            for n in self.eval_steps:
+                self.student_latents(text[:1], mask[:1], noise[:1], n)
+        room = self.grid_samples - len(self._captions)
+        self._captions += [batch["caption"][i] for i in rows[: max(room, 0)]]
+        teacher, ms = self._timed(lambda: self.teacher_latents(text, mask, noise), len(rows))
+        teacher_images = self._score("teacher", teacher, ms, specs)
+        for n in self.eval_steps:
+            generator = torch.Generator(device=x0.device).manual_seed(
+                mix_seed(self.seed, 1 << 41, n, indices[0])
+            )
+            latents, ms = self._timed(
+                lambda n=n, g=generator: self.student_latents(text, mask, noise, n, g), len(rows)
+            )
+            images = self._score(f"student_{n}", latents, ms, specs)
+            self.val_means[f"student_{n}__latent_mse"].update(
+                (latents.float() - teacher.float()).pow(2).flatten(1).mean(1)
+            )
+            if images is not None and teacher_images is not None:
+                self.val_means[f"student_{n}__psnr"].update(psnr(images, teacher_images))
+        self._val_scored += len(rows)
+
+    def _score(
+        self, key: str, latents: Tensor, ms: float, specs: list[dict | None]
+    ) -> Tensor | None:
+        """Record latency, decode, GenEval-score the shapes-world rows, keep grid tiles."""
+        self.val_means[f"{key}__ms_per_image"].update(
+            torch.tensor(ms, device=self.device), weight=latents.shape[0]
+        )
+        images = self.decode(latents)
+        if images is None:
+            return None
+        scored = [i for i, s in enumerate(specs) if s is not None]
+        if scored:
+            self.val_geneval[key].update(images[scored], [specs[i] for i in scored])
+        room = self.grid_samples - len(self._grid.get(key, []))
+        if room > 0:
+            tiles = [tensor_to_hwc(image) for image in images[:room]]
+            self._grid.setdefault(key, []).extend(tiles)
+        return images
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/<teacher|student_n>/...``, write eval_table.md and the grids (rank 0)."""
+        table = self._compute_table()
+        if not table:
+            return
+        flat = {f"val/{k}/{m}": v for k, row in table.items() for m, v in row.items()}
+        self.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False)
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval_table.md").write_text(self.eval_table_markdown(table))
+        self._log_grids()
+
+    def _compute_table(self) -> dict[str, dict[str, float]]:
+        """Per key: geneval/<category|overall>, nfe, ms_per_image, speedup, latent_mse, psnr."""
+        table: dict[str, dict[str, float]] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            for key in self.eval_keys:
+                row: dict[str, float] = {}
+                scores = self.val_geneval[key].compute()
+                if not torch.isnan(scores["overall"]):
+                    row.update({f"geneval/{c}": float(v) for c, v in scores.items()})
+                for metric in ("latent_mse", "psnr", "ms_per_image"):
+                    value = self.val_means[f"{key}__{metric}"].compute()
+                    if not torch.isnan(value):
+                        row[metric] = float(value)
+                if "ms_per_image" not in row:
+                    continue  # nothing sampled this epoch
+                row["nfe"] = float(self._nfe(key))
+                table[key] = row
+        teacher_ms = table.get("teacher", {}).get("ms_per_image")
+        for key, row in table.items():
+            if key != "teacher" and teacher_ms is not None:
+                row["speedup"] = teacher_ms / max(row["ms_per_image"], 1e-9)
+        return table
+
+    def _sampler_of(self, key: str) -> Sampler:
+        """The sampler behind an eval key ("teacher" or "student_<n>")."""
+        if key == "teacher":
+            return self.teacher_sampler
+        return self.student_sampler(int(key.removeprefix("student_")))
+
+    def _nfe(self, key: str) -> int:
+        """Network passes per image for an eval key (the teacher's CFG counts twice)."""
+        return self.teacher_nfe if key == "teacher" else self._sampler_of(key).nfe
+
+    def eval_table_markdown(self, table: dict[str, dict[str, float]]) -> str:
+        """The validation table as markdown (one row per sampler setting)."""
+        cats = [c for c in CATEGORIES if any(f"geneval/{c}" in r for r in table.values())]
+        header = [
+            "model",
+            "sampler",
+            "NFE",
+            "ms/image",
+            "speed-up",
+            "GenEval",
+            *cats,
+            "latent MSE",
+            "PSNR (dB)",
+        ]
+
+        def fmt(row: dict[str, float], key: str, spec: str = ".3f") -> str:
+            return format(row[key], spec) if key in row else "–"
+
+        lines = [
+            f"# Student vs teacher (step {self.global_step})",
+            "",
+            f"Teacher: `{self.teacher_identity['ckpt']}` (sha256 "
+            f"{self.teacher_identity['sha256'][:12]}), CFG scale {self.guidance_scale:g}; "
+            f"{self._val_scored} validation prompts, device {self.device.type}.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for key, row in table.items():
+            sampler = self._sampler_of(key)
+            cells = [
+                key,
+                f"{type(sampler).__name__}({sampler.steps})",
+                fmt(row, "nfe", ".0f"),
+                fmt(row, "ms_per_image", ".2f"),
+                fmt(row, "speedup", ".1f"),
+                fmt(row, "geneval/overall"),
+                *(fmt(row, f"geneval/{c}") for c in cats),
+                fmt(row, "latent_mse", ".4f"),
+                fmt(row, "psnr", ".2f"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def _log_grids(self) -> None:
+        """Teacher | student pairs per step count, as captioned grids in TensorBoard."""
+        teacher = self._grid.get("teacher", [])
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not teacher or not loggers:
+            return
+        captions = self._captions
+        for n in self.eval_steps:
+            student = self._grid.get(f"student_{n}", [])
+            tiles, labels = [], []
+            for image_t, image_s, caption in zip(teacher, student, captions, strict=False):
+                tiles += [image_t, image_s]
+                labels += [f"teacher: {caption}", f"student {n}-step"]
+            grid = captioned_grid(tiles, labels, cols=min(8, len(tiles)), cell=96)
+            for logger in loggers:
+                logger.experiment.add_image(
+                    f"val/student_{n}/teacher_vs_student",
+                    np.asarray(grid),
+                    self.global_step,
+                    dataformats="HWC",
+                )

@@ -1,0 +1,131 @@
+"""`fewstep couplings`: (noise, teacher sample) pairs for rectified-flow distillation (Liu et al.
+2022, Alg. 1), drawn with the teacher's guided ODE and stored in the latent-cache format."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from fewstep.data.cache import LatentCache
+from fewstep.data.cache_builder import describe_dataset
+from fewstep.data.couplings import build_couplings
+from fewstep.diffusion.samplers import Sampler
+from fewstep.lightning.sampling import as_null_text, generate
+from fewstep.tools.export import apply_ema, ema_state, load_checkpoint, load_module
+from fewstep.utils.fingerprint import weights_hash
+
+
+def load_teacher(config: str, ckpt_path: str, ema: bool = True) -> tuple[pl.LightningModule, str]:
+    """The teacher of fit YAML ``config`` with ``ckpt_path``'s weights (EMA when there is an
+    average and ``ema``), frozen in eval mode; returns (module, "ema" | "raw")."""
+    module = load_module(config)
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"Checkpoint '{ckpt_path}' does not fit the model of '{config}': {err}"
+        ) from None
+    state = ema_state(ckpt) if ema else None
+    if ema and state is None:
+        warnings.warn(f"'{ckpt_path}' has no EMA average; using the raw weights.", stacklevel=2)
+    if state is not None:
+        apply_ema(module, state)
+    return module.requires_grad_(False).eval(), "raw" if state is None else "ema"
+
+
+def data_args(config: str) -> dict[str, Any]:
+    """``data.init_args`` of a fit YAML ({} if absent)."""
+    raw = yaml.safe_load(Path(config).expanduser().read_text()) or {}
+    data = raw.get("data") or {}
+    return dict(data.get("init_args") or {})
+
+
+def describe_sampler(sampler: Sampler) -> dict[str, Any]:
+    """Class path and constructor arguments of a sampler (for the manifest)."""
+    cls = type(sampler)
+    args = sampler.init_args() if hasattr(sampler, "init_args") else describe_dataset(sampler)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **args}
+
+
+def _device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def couplings(
+    teacher_config: str = "configs/teacher/shapes.yaml",
+    teacher_ckpt: str = "runs/demo/teacher/checkpoints/last.ckpt",
+    out: str = "runs/demo/couplings",
+    cache: str | None = None,
+    num_samples: int | None = None,
+    sampler: Sampler | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    use_ema: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, str]:
+    """Sample the teacher (fit YAML + checkpoint, EMA weights) from seeded noise for the captions
+    of source cache ``cache`` (default: the YAML's data.init_args.path), samples [0, num_samples),
+    with its configured sampler and guidance scale unless given; rerunning resumes."""
+    source_path = cache or data_args(teacher_config).get("path")
+    if source_path is None:
+        raise ValueError(f"'{teacher_config}' has no data.init_args.path; pass --cache.")
+    source = LatentCache(source_path)
+    teacher, weights = load_teacher(teacher_config, teacher_ckpt, use_ema)
+    sampler = sampler if sampler is not None else teacher.sampler
+    scale = float(teacher.guidance_scale if guidance_scale is None else guidance_scale)
+    max_text_length = data_args(teacher_config).get("max_text_length")
+    null = as_null_text(source.null_text()[:max_text_length]) if scale != 1.0 else None
+    target = _device(device)
+    teacher = teacher.to(target)
+
+    def sample(text: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return generate(
+                teacher.network,
+                teacher.process,
+                teacher.prediction,
+                teacher.learned_sigma,
+                sampler,
+                text,
+                mask,
+                null,
+                scale,
+                noise,
+            )
+
+    info = {
+        "teacher": {  # weights_sha256 = StudentModule.teacher_identity["sha256"] (same weights)
+            "weights_sha256": weights_hash(teacher.network),
+            "weights": weights,
+            "prediction": teacher.prediction,
+            "process": describe_dataset(teacher.process),
+        },
+        "sampler": describe_sampler(sampler),
+        "guidance_scale": scale,
+    }
+    root = build_couplings(
+        source,
+        sample,
+        out,
+        info,
+        num_samples,
+        seed,
+        shard_size,
+        batch_size,
+        max_text_length,
+        target,
+        progress,
+    )
+    return {"couplings": str(root), "teacher_weights": weights}

@@ -1,0 +1,200 @@
+"""Shared helpers for student (distillation) tests: a tiny teacher (fit YAML + Lightning checkpoint
+with an EMA average), the tiny VAE and the tiny shapes cache it was trained on, and a CPU-sized
+copy of any student YAML. Import as ``from student_fixtures import build_tiny_teacher``.
+
+Sizes: 64 px shapes images, a factor-4 VAE with 8 latent channels (latents 8x16x16), the MiniLM
+text encoder of configs/cache/shapes.yaml (384-wide text), a 1-block DiT with patch 4 (16 tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from fewstep.cli import main
+from fewstep.data.datamodule import CachedLatentDataModule
+from fewstep.lightning.ema import EMA
+from fewstep.models.vae import VAE
+from fewstep.tools.export import load_module
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+LATENT_CHANNELS, LATENT_SIZE, TEXT_DIM = 8, 16, 384
+
+TINY_DIT = {
+    "class_path": "fewstep.models.dit.DiT",
+    "init_args": {
+        "in_channels": LATENT_CHANNELS,
+        "patch_size": 4,
+        "hidden_size": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "caption_channels": TEXT_DIM,
+        "learn_sigma": False,
+        "sample_size": LATENT_SIZE,
+    },
+}
+PROCESSES: dict[str, dict[str, Any]] = {
+    "flow": {  # rectified flow + velocity, as configs/teacher/shapes.yaml
+        "process": {"class_path": "fewstep.diffusion.schedules.RectifiedFlow"},
+        "prediction": "velocity",
+        "sampler": {"class_path": "fewstep.diffusion.samplers.Euler", "init_args": {"steps": 2}},
+        "learn_sigma": False,
+    },
+    "ddpm": {  # PixArt's discrete DDPM + epsilon with learned sigma
+        "process": {"class_path": "fewstep.diffusion.schedules.DiscreteDDPM"},
+        "prediction": "epsilon",
+        "sampler": {"class_path": "fewstep.diffusion.samplers.DDIM", "init_args": {"steps": 2}},
+        "learn_sigma": True,
+    },
+}
+
+
+@dataclass(frozen=True)
+class TinyTeacher:
+    """Paths of a tiny trained teacher and the data it was trained on."""
+
+    root: Path
+    config: Path  # the teacher's fit YAML (model + data sections)
+    ckpt: Path  # a Lightning checkpoint with the EMA callback's average
+    cache: Path  # the latent cache (CachedLatentDataModule path)
+    vae: Path  # the VAE folder the cache was encoded with
+    kind: str  # "flow" or "ddpm"
+
+
+def build_tiny_vae(folder: Path) -> Path:
+    """A random factor-4 VAE with 8 latent channels, saved at ``folder``."""
+    torch.manual_seed(0)
+    vae = VAE(block_out_channels=(8, 16, 16), norm_num_groups=4, latent_channels=LATENT_CHANNELS)
+    vae.set_latent_scale(0.5, 0.0)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_cache(out: Path, vae_dir: Path, num_samples: int = 24) -> Path:
+    """A shapes-world latent cache of ``num_samples`` 64 px images (about a second on CPU)."""
+    main(
+        [
+            "cache",
+            "-c",
+            str(CONFIGS / "cache/shapes.yaml"),
+            "--out",
+            str(out),
+            "--device=cpu",
+            "--vae.init_args.pretrained_path",
+            str(vae_dir),
+            f"--dataset.init_args.size={num_samples}",
+            f"--shard_size={num_samples}",
+            f"--batch_size={num_samples}",
+        ]
+    )
+    return out
+
+
+def teacher_yaml(cache: Path, vae_dir: Path, kind: Literal["flow", "ddpm"] = "flow") -> dict:
+    """The fit config of a tiny teacher on ``cache``."""
+    spec = PROCESSES[kind]
+    dit_args = {**TINY_DIT["init_args"], "learn_sigma": spec["learn_sigma"]}
+    network = {**TINY_DIT, "init_args": dit_args}
+    return {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "fewstep.lightning.teacher_module.TeacherModule",
+            "init_args": {
+                "network": network,
+                "process": spec["process"],
+                "prediction": spec["prediction"],
+                "sampler": spec["sampler"],
+                "guidance_scale": 2.0,
+                "vae_path": str(vae_dir),
+                "val_num_samples": 4,
+            },
+        },
+        "data": {
+            "class_path": "fewstep.data.datamodule.CachedLatentDataModule",
+            "init_args": {"path": str(cache), "batch_size": 4, "val_fraction": 0.25},
+        },
+    }
+
+
+def train_tiny_teacher(config: Path, ckpt: Path, cache: Path, steps: int = 2) -> Path:
+    """Train the teacher of ``config`` for a few steps (random non-zero init, EMA decay 0.5) and
+    save a Lightning checkpoint at ``ckpt``."""
+    pl.seed_everything(0, verbose=False)
+    module = load_module(config)
+    with torch.no_grad():
+        for p in module.network.parameters():
+            p.normal_(0.0, 0.05)  # the PixArt init zeroes the output: make the teacher non-trivial
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[EMA(decay=0.5)],
+    )
+    data = CachedLatentDataModule(str(cache), batch_size=4, val_fraction=0.25)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+def build_tiny_teacher(
+    root: Path, kind: Literal["flow", "ddpm"] = "flow", num_samples: int = 24
+) -> TinyTeacher:
+    """VAE + cache + teacher YAML + checkpoint under ``root`` (a few seconds on one CPU thread)."""
+    root.mkdir(parents=True, exist_ok=True)
+    vae_dir = build_tiny_vae(root / "vae")
+    cache = build_tiny_cache(root / "cache", vae_dir, num_samples)
+    config = root / f"teacher_{kind}.yaml"
+    config.write_text(yaml.safe_dump(teacher_yaml(cache, vae_dir, kind)))
+    ckpt = train_tiny_teacher(config, root / f"teacher_{kind}.ckpt", cache)
+    return TinyTeacher(root, config, ckpt, cache, vae_dir, kind)
+
+
+def cpu_student_config(
+    path: Path, teacher: TinyTeacher, out_dir: Path, eval_steps: list[int] | None = None
+) -> Path:
+    """A copy of the student YAML ``path`` pointed at the tiny teacher, cache and VAE (and the
+    teacher's own 2-step reference sampler), with CPU-sized data, validation and logging, written
+    to ``out_dir``. Explicit student timesteps are cut to max(eval_steps) entries."""
+    config = yaml.safe_load(Path(path).read_text())
+    args = config["model"].setdefault("init_args", {})
+    args.update(
+        teacher_config=str(teacher.config),
+        teacher_ckpt=str(teacher.ckpt),
+        vae_path=str(teacher.vae),
+        val_num_samples=2,
+        eval_steps=eval_steps or [1, 2],
+    )
+    args["teacher_sampler"] = PROCESSES[teacher.kind]["sampler"]  # fits the process, 2 steps
+    if args.get("sampler"):
+        sampler_args = args["sampler"].setdefault("init_args", {})
+        if sampler_args.get("timesteps") is not None:
+            sampler_args["timesteps"] = sampler_args["timesteps"][: max(eval_steps or [1, 2])]
+    data = config["data"].setdefault("init_args", {})
+    data.update(path=str(teacher.cache), batch_size=4, val_fraction=0.25, num_workers=0)
+    data.pop("val_path", None)
+    trainer = config.setdefault("trainer", {})
+    trainer.update(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        default_root_dir=str(out_dir),
+        limit_val_batches=1,
+    )
+    trainer.pop("strategy", None)
+    logger = trainer.get("logger")
+    if isinstance(logger, dict) and "init_args" in logger:
+        logger["init_args"]["save_dir"] = str(out_dir)
+    copy = out_dir / Path(path).name
+    copy.write_text(yaml.safe_dump(config))
+    return copy
