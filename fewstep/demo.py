@@ -35,6 +35,21 @@ def _last_checkpoint(log_dir: Path) -> list[str]:
     return ["--ckpt_path", str(last)] if last.is_file() else []
 
 
+def _fit_once(config: Path, log_dir: Path) -> None:
+    """``fewstep fit`` unless ``log_dir/FINISHED`` says it finished; resumes from last.ckpt."""
+    done = log_dir / "FINISHED"
+    if not done.is_file():
+        _cli(["fit", "-c", str(config), *_last_checkpoint(log_dir)])
+        done.write_text("fit finished\n")
+
+
+def _validate_metrics(config: Path, log_dir: Path) -> dict[str, float]:
+    """``fewstep validate`` of ``log_dir``'s last checkpoint; the logged metrics."""
+    last = log_dir / "checkpoints" / "last.ckpt"
+    cli = _cli(["validate", "-c", str(config), "--ckpt_path", str(last)])
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+
 def _load_results() -> dict[str, Any]:
     """Figures of finished stages (so a rerun reports them without recomputing)."""
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -81,15 +96,39 @@ def stage_cache() -> dict[str, Any]:
 def stage_teacher() -> dict[str, Any]:
     """Train the CPU teacher (configs/teacher/shapes.yaml), then validate it with the scorer."""
     config, log_dir = CONFIGS / "teacher/shapes.yaml", RUN_DIR / "teacher"
-    done = log_dir / "FINISHED"
-    if not done.is_file():
-        _cli(["fit", "-c", str(config), *_last_checkpoint(log_dir)])
-        done.write_text("fit finished\n")
-    cli = _cli(
-        ["validate", "-c", str(config), "--ckpt_path", str(log_dir / "checkpoints/last.ckpt")]
-    )
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    return {"validate": metrics}
+    _fit_once(config, log_dir)
+    return {"validate": _validate_metrics(config, log_dir)}
+
+
+STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: lcm)
+    "lcm": ("student/lcm_shapes.yaml", "student_lcm"),
+    "reflow": ("student/reflow_shapes.yaml", "student_reflow"),
+    "ladd": ("student/ladd_shapes.yaml", "student_ladd"),
+}
+
+
+def stage_student() -> dict[str, Any]:
+    """Distill the teacher into a 1-4 step student, then evaluate it side by side with the
+    teacher (same prompts and noise): scores, fidelity to the teacher, NFE, ms per image."""
+    name = os.environ.get("FEWSTEP_DEMO_STUDENT", "lcm")
+    if name not in STUDENTS:
+        raise SystemExit(f"FEWSTEP_DEMO_STUDENT={name!r}: choose one of {sorted(STUDENTS)}")
+    relative, log_name = STUDENTS[name]
+    config, log_dir = CONFIGS / relative, RUN_DIR / log_name
+    if name == "reflow":
+        _cli(["couplings", "-c", str(CONFIGS / "student/reflow_couplings_shapes.yaml")])
+    _fit_once(config, log_dir)
+    return {"method": name, "log_dir": str(log_dir), "validate": _validate_metrics(config, log_dir)}
+
+
+def stage_report() -> dict[str, Any]:
+    """Write runs/demo/report.md: tables, teacher-vs-student grids, score-vs-NFE plot."""
+    from fewstep.eval.report import write_report
+
+    results = _load_results()
+    student = results.get("student", {}).get("log_dir")
+    path = write_report(RUN_DIR, results, Path(student) if student else None, RUN_DIR / "teacher")
+    return {"report": str(path)}
 
 
 STAGES: dict[str, Callable[[], dict[str, Any]]] = {
@@ -97,6 +136,8 @@ STAGES: dict[str, Callable[[], dict[str, Any]]] = {
     "vae": stage_vae,
     "cache": stage_cache,
     "teacher": stage_teacher,
+    "student": stage_student,
+    "report": stage_report,
 }
 
 

@@ -216,7 +216,8 @@ class TeacherModule(pl.LightningModule):
         self._val_scored += len(rows)
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/geneval/<category>``, ``val/geneval/overall`` and ``val/nfe``."""
+        """Log ``val/geneval/<category>``, ``val/geneval/overall`` and ``val/nfe`` (network
+        evaluations per image, a CFG step counting two as in the student's evaluation)."""
         if self.vae_path is None or self.val_num_samples == 0:
             return
         with warnings.catch_warnings():
@@ -226,7 +227,8 @@ class TeacherModule(pl.LightningModule):
             return  # no shapes-world samples in this validation set
         scores = {f"val/geneval/{k}": v.float() for k, v in scores.items()}  # synced already
         self.log_dict(scores, sync_dist=True)
-        self.log("val/nfe", float(self.sampler.nfe), sync_dist=True)
+        cfg_passes = 1 if self.guidance_scale == 1.0 else 2  # a guided step = cond + uncond pass
+        self.log("val/nfe", float(self.sampler.nfe * cfg_passes), sync_dist=True)
         self.val_geneval.reset()
 
     def configure_optimizers(self) -> Any:
