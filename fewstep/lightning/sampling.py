@@ -110,3 +110,19 @@ def call_wrapped(
         if strategy.model is not None and strategy.model is not pl_module:
             return strategy._forward_redirection(strategy.model, pl_module, method, *args)
         return getattr(pl_module, method)(*args)
+
+
+def frozen_vae(store: dict[str, Any], path: str | None, owner: str, device: Any) -> Any:
+    """The VAE folder at ``path`` loaded once into ``store`` (an unregistered dict: never saved,
+    optimised or EMA-averaged), frozen, on ``device``; None without a path."""
+    from fewstep.models.vae import VAE
+
+    if path is None:
+        return None
+    if "vae" not in store:
+        try:
+            vae = VAE.from_pretrained(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{owner} vae_path: {err}") from None
+        store["vae"] = vae.requires_grad_(False).eval()
+    return store["vae"].to(device)

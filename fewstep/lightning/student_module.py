@@ -29,6 +29,7 @@ from fewstep.lightning.sampling import (
     NullText,
     datamodule_null_text,
     fixed_noise,
+    frozen_vae,
     generate,
     mix_seed,
 )
@@ -206,15 +207,7 @@ class StudentModule(pl.LightningModule):
     @property
     def vae(self) -> VAE | None:
         """The frozen VAE from ``vae_path`` (loaded once, on this module's device), or None."""
-        if self.vae_path is None:
-            return None
-        if "vae" not in self._frozen:
-            try:
-                vae = VAE.from_pretrained(self.vae_path)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"StudentModule vae_path: {err}") from None
-            self._frozen["vae"] = vae.requires_grad_(False).eval()
-        return self._frozen["vae"].to(self.device)
+        return frozen_vae(self._frozen, self.vae_path, "StudentModule", self.device)
 
     def setup(self, stage: str) -> None:
         """Load the VAE early so a bad ``vae_path`` fails before training starts."""
