@@ -3,7 +3,7 @@
 fewstep fit -c configs/vae/shapes.yaml        # any LightningModule + DataModule
 fewstep shapes --out runs/demo/shapes         # render + score the shapes world
 fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
-fewstep export -c TEACHER.yaml --ckpt_path last.ckpt --out DIR  # PixArtSigmaPipeline folder
+fewstep export -c FIT.yaml --ckpt_path last.ckpt --out DIR  # teacher/student as a pipeline
 fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (noise, sample)
 """
 

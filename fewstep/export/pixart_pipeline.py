@@ -1,5 +1,6 @@
 """Diffusers ``PixArtSigmaPipeline`` folders out: transformer, VAE, a scheduler equivalent to our
-(process, prediction, sampler), optionally T5 + tokenizer, written atomically."""
+(process, prediction, sampler) — a teacher's or a distilled student's few-step one — optionally
+T5 + tokenizer, written atomically."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import Sampler
 from fewstep.diffusion.schedules import NoiseProcess
@@ -20,6 +22,7 @@ from fewstep.export.schedulers import (
     diffusers_scheduler,
     pipeline_call_kwargs,
     process_record,
+    student_schedule,
 )
 from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import (
@@ -30,6 +33,7 @@ from fewstep.models.text_encoder import ENCODER_CLASSES, has_tokenizer
 from fewstep.models.vae import VAE
 
 EXPORT_RECORD = "fewstep_export.json"
+EXPORT_FORMAT = "fewstep-pixart-sigma-export/1"
 
 
 def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
@@ -111,8 +115,6 @@ def export_pixart_sigma_pipeline(
     """Write a diffusers ``PixArtSigmaPipeline`` folder (transformer, vae, scheduler, and text
     encoder + tokenizer when given, else None so the pipeline takes ``prompt_embeds``) plus
     ``fewstep_export.json`` with the pipeline call arguments that reproduce ``sampler``."""
-    from diffusers import PixArtSigmaPipeline
-
     out = check_out_dir(out_dir, overwrite)
     sampler = sampler if sampler is not None else default_sampler(process)
     scheduler = diffusers_scheduler(process, prediction, sampler)
@@ -120,6 +122,29 @@ def export_pixart_sigma_pipeline(
     call = pipeline_call_kwargs(scheduler, process, sampler, sample_size)
     if guidance_scale is not None:
         call["guidance_scale"] = float(guidance_scale)
+    record = {
+        "format": EXPORT_FORMAT,
+        "process": process_record(process),
+        "prediction": prediction,
+        "sampler": repr(sampler),
+        "pipeline_call": call,
+        **(metadata or {}),
+    }
+    return _write_pipeline(dit, vae, out, scheduler, record, text_encoder_path, overwrite)
+
+
+def _write_pipeline(
+    dit: DiT,
+    vae: VAE | str | Path,
+    out: Path,
+    scheduler: Any,
+    record: dict[str, Any],
+    text_encoder_path: str | None,
+    overwrite: bool,
+) -> Path:
+    """Save the pipeline and ``record`` (as fewstep_export.json) to ``out`` atomically."""
+    from diffusers import PixArtSigmaPipeline
+
     transformer = to_diffusers(dit).to("cpu", torch.float32).eval()
     text_encoder, tokenizer = (
         _text_components(text_encoder_path) if text_encoder_path is not None else (None, None)
@@ -131,14 +156,6 @@ def export_pixart_sigma_pipeline(
         transformer=transformer,
         scheduler=scheduler,
     )
-    record = {
-        "format": "fewstep-pixart-sigma-export/1",
-        "process": process_record(process),
-        "prediction": prediction,
-        "sampler": repr(sampler),
-        "pipeline_call": call,
-        **(metadata or {}),
-    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -149,3 +166,36 @@ def export_pixart_sigma_pipeline(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def export_student_pipeline(
+    dit: DiT,
+    vae: VAE | str | Path,
+    out_dir: str | Path,
+    denoiser: Denoiser,
+    sampler: Sampler,
+    steps: list[int] | None = None,
+    text_encoder_path: str | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a distilled student as a ``PixArtSigmaPipeline`` folder whose scheduler reproduces
+    ``sampler`` over ``denoiser`` (the method's ``student_denoiser``) at each of ``steps``
+    (default: the sampler's), recording the pipeline call per step count in fewstep_export.json
+    (``pipeline_calls``; ``pipeline_call`` is the sampler's own step count when exact)."""
+    out = check_out_dir(out_dir, overwrite)
+    sample_size = int(dit.config()["sample_size"])
+    schedule = student_schedule(denoiser, sampler, steps or [sampler.steps], sample_size)
+    default = sampler.steps if sampler.steps in schedule.calls else min(schedule.calls)
+    record = {
+        "format": EXPORT_FORMAT,
+        "kind": "student",
+        "process": process_record(denoiser.process),
+        "prediction": denoiser.prediction,
+        "sampler": repr(sampler),
+        "pipeline_call": schedule.calls[default],
+        "pipeline_calls": {str(n): call for n, call in schedule.calls.items()},
+        "student": {"denoiser": type(denoiser).__name__, **schedule.notes},
+        **(metadata or {}),
+    }
+    return _write_pipeline(dit, vae, out, schedule.scheduler, record, text_encoder_path, overwrite)

@@ -4,16 +4,21 @@ arguments that reproduce our sampler's step grid."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.flow_frame import FlowTime
 from fewstep.diffusion.parameterization import PredictionType
-from fewstep.diffusion.samplers import DDIM, DDPM, DPMSolver2M, Euler, Heun, Sampler
+from fewstep.diffusion.samplers import DDIM, DDPM, Consistency, DPMSolver2M, Euler, Heun, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
+from fewstep.distill.consistency import ConsistencyDenoiser, lcm_boundary
 from fewstep.models.pixart_io import BINNED_SAMPLE_SIZES
 
 
@@ -184,3 +189,223 @@ def pipeline_call_kwargs(
             stacklevel=2,
         )
     return kwargs
+
+
+# --- students: the few-step sampler of a distilled network -------------------------------------
+
+DIFFUSERS_SIGMA_DATA = 0.5  # fixed inside LCMScheduler.get_scalings_for_boundary_condition_discrete
+X0_TIMESTEP_SCALING = 1.0e6  # LCM scalings (c_skip, c_out) = (0, 1) within 1e-12 for t >= 1
+BOUNDARY_TOLERANCE = 1e-6  # |Δc_skip| + |Δc_out| between ours and diffusers' above which we warn
+NO_CFG = "the student runs without CFG (distilled in): guidance_scale 1, PixArtSigmaPipeline "
+NO_CFG += "applies CFG only when guidance_scale > 1"
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Consistency boundary scalings f = c_skip x + c_out x̂0 (fewstep.distill.consistency)."""
+
+    kind: Literal["lcm", "x0"] = "x0"
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+
+    @classmethod
+    def of(cls, denoiser: Denoiser) -> Boundary:
+        """A ConsistencyDenoiser's boundary; a plain denoiser is f = x̂0 (c_skip 0, c_out 1)."""
+        if isinstance(denoiser, ConsistencyDenoiser):
+            return cls(denoiser.boundary, denoiser.sigma_data, denoiser.timestep_scaling)
+        return cls("x0")
+
+    def scalings(self, t: Tensor, process: NoiseProcess) -> tuple[Tensor, Tensor]:
+        """Our (c_skip, c_out) at process times t, float64."""
+        t = t.to(torch.float64)
+        if self.kind == "x0":
+            return torch.zeros_like(t), torch.ones_like(t)
+        return lcm_boundary(t, process, self.sigma_data, self.timestep_scaling)
+
+    @property
+    def lcm_timestep_scaling(self) -> float:
+        """LCMScheduler's ``timestep_scaling`` for these scalings. c_skip = 1 / (r² + 1) and c_out
+        = r / sqrt(r² + 1) depend on r = Δ / σ_d only and diffusers fixes σ_d = 0.5, so ours
+        (Δ = scaling · (t + 1)) is diffusers' with scaling · 0.5 / σ_d, up to t + 1 vs t."""
+        if self.kind == "x0":
+            return X0_TIMESTEP_SCALING
+        return self.timestep_scaling * DIFFUSERS_SIGMA_DATA / self.sigma_data
+
+
+@dataclass
+class StudentSchedule:
+    """A diffusers scheduler reproducing a student's sampler and the pipeline calls that do."""
+
+    scheduler: Any
+    calls: dict[int, dict[str, Any]]  # PixArtSigmaPipeline kwargs per step count it reproduces
+    notes: dict[str, Any] = field(default_factory=dict)  # for fewstep_export.json
+
+
+def check_student_exportable(denoiser: Denoiser) -> None:
+    """Refuse students no diffusers PixArt pipeline can run, naming the reason."""
+    if (
+        getattr(denoiser, "guidance", None) is not None
+        or getattr(denoiser.net, "g_embedder", None) is not None
+    ):
+        raise ValueError(
+            "Cannot export a student with a guidance-scale embedding (ConsistencyDistillation "
+            "guidance_embedding: true): diffusers' PixArtTransformer2DModel has none. Distill with "
+            "guidance_embedding: false (a fixed CFG scale or range) to export."
+        )
+    if isinstance(denoiser.process, FlowTime):
+        raise ValueError(
+            f"Cannot export this student: it samples its {type(denoiser.process.base).__name__} "
+            "network in flow time (fewstep.diffusion.flow_frame: the network sees (alpha + sigma) "
+            "x_s at fractional teacher times), which no diffusers scheduler does. Distill from a "
+            "rectified-flow teacher to export an Euler student."
+        )
+
+
+def lcm_boundary_mismatch(
+    scheduler: Any, boundary: Boundary, process: NoiseProcess, times: list[int]
+) -> dict[int, float]:
+    """|Δc_skip| + |Δc_out| between ours and the scheduler's own scalings, per timestep."""
+    t = torch.tensor(times, dtype=torch.float64)
+    c_skip, c_out = boundary.scalings(t, process)
+    d_skip, d_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    gap = (c_skip - d_skip).abs() + (c_out - d_out).abs()
+    return {int(ti): float(g) for ti, g in zip(times, gap.tolist(), strict=True)}
+
+
+def _lcm_times(process: DiscreteDDPM, sampler: Sampler) -> list[int]:
+    """The integer DDPM timesteps ``sampler`` evaluates (it then ends at the data)."""
+    ts = sampler.timesteps(process)[:-1]
+    if not torch.equal(ts, ts.round()):
+        raise ValueError(
+            f"Cannot export {sampler!r} on DiscreteDDPM: LCMScheduler walks integer timesteps, "
+            f"the sampler {ts.tolist()}; use integer timesteps."
+        )
+    return [int(t) for t in ts.tolist()]
+
+
+def _origin_steps(process: DiscreteDDPM, times: list[int]) -> int:
+    """LCMScheduler's ``original_inference_steps`` whose grid (k i - 1, k = T / steps) holds every
+    time: k = gcd(T, t + 1 ...). Custom timesteps off that grid only log a warning, and with
+    num_inference_steps dividing this value LCM's own picks are our trailing grid."""
+    k = math.gcd(process.num_train_timesteps, *[t + 1 for t in times])
+    return process.num_train_timesteps // k
+
+
+def _lcm_schedule(
+    denoiser: Denoiser, sampler: Sampler, steps: list[int], sample_size: int
+) -> StudentSchedule:
+    """Consistency sampling on a DDPM process as diffusers' LCMScheduler with our timesteps."""
+    from diffusers import LCMScheduler
+
+    process, prediction = denoiser.process, denoiser.prediction
+    assert isinstance(process, DiscreteDDPM)
+    if prediction not in _DDPM_PREDICTIONS:
+        raise ValueError(
+            f"Cannot export a consistency student predicting {prediction!r}: LCMScheduler takes "
+            f"{sorted(_DDPM_PREDICTIONS)}."
+        )
+    times = {n: _lcm_times(process, sampler.with_steps(n)) for n in steps}
+    every = sorted({t for ts in times.values() for t in ts})
+    boundary = Boundary.of(denoiser)
+    scheduler = LCMScheduler(
+        num_train_timesteps=process.num_train_timesteps,
+        prediction_type=_DDPM_PREDICTIONS[prediction],
+        original_inference_steps=_origin_steps(process, every),
+        clip_sample=False,
+        thresholding=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_scaling=boundary.lcm_timestep_scaling,
+        **_beta_config(process),
+    )
+    mismatch = lcm_boundary_mismatch(scheduler, boundary, process, every)
+    _warn_boundary(mismatch)
+    binning = pipeline_call_kwargs(scheduler, process, None, sample_size)
+    calls = {n: {**binning, "timesteps": ts, "guidance_scale": 1.0} for n, ts in times.items()}
+    notes = {
+        "boundary": {
+            "kind": boundary.kind,
+            "sigma_data": boundary.sigma_data,
+            "timestep_scaling": boundary.timestep_scaling,
+            "lcm_timestep_scaling": boundary.lcm_timestep_scaling,
+            "mismatch": mismatch,
+        },
+        "noise": "multistep LCM re-noises between steps from the pipeline's generator: the same "
+        "seed as StudentModule.student_latents(generator=) gives the same samples",
+    }
+    return StudentSchedule(scheduler, calls, notes)
+
+
+def _warn_boundary(mismatch: dict[int, float]) -> None:
+    """Warn where diffusers' boundary scalings (Δ from t) differ from ours (Δ from t + 1)."""
+    bad = {t: g for t, g in mismatch.items() if g > BOUNDARY_TOLERANCE}
+    if bad:
+        warnings.warn(
+            f"Export: LCMScheduler's boundary scalings use Δ ∝ t where fewstep uses t + 1; at "
+            f"timesteps {sorted(bad)} |Δc_skip| + |Δc_out| reaches {max(bad.values()):.2g} "
+            f"(> {BOUNDARY_TOLERANCE:g}): pipeline samples will differ from fewstep's there.",
+            stacklevel=3,
+        )
+
+
+def _sampler_call(
+    scheduler: Any, process: NoiseProcess, sampler: Sampler, sample_size: int
+) -> dict[str, Any]:
+    """Pipeline kwargs for one step count of a teacher-type sampler, without CFG; a flow grid
+    is always given explicitly as sigmas (the scheduler shifts them)."""
+    call = pipeline_call_kwargs(scheduler, process, sampler, sample_size)
+    if isinstance(process, RectifiedFlow):
+        call["sigmas"] = _unshift(sampler.timesteps(process)[:-1], process.shift).tolist()
+    return {**call, "guidance_scale": 1.0}
+
+
+def _flow_consistency_schedule(
+    denoiser: Denoiser, sampler: Sampler, sample_size: int
+) -> StudentSchedule:
+    """Consistency on a rectified flow with f = x - t v: exactly one Euler step to t = 0."""
+    process = denoiser.process
+    if not isinstance(process, RectifiedFlow) or Boundary.of(denoiser).kind != "x0":
+        raise ValueError(
+            f"Cannot export consistency sampling on {type(process).__name__} with the "
+            f"{Boundary.of(denoiser).kind!r} boundary: diffusers has no such scheduler "
+            "(a rectified-flow student with boundary x0 exports its 1-step sampling)."
+        )
+    warnings.warn(
+        "Export: multistep consistency sampling on a rectified flow (fresh noise between steps) "
+        "has no diffusers scheduler PixArtSigmaPipeline can run (FlowMatchLCMScheduler lacks "
+        "scale_model_input); the folder reproduces the student's 1-step samples only "
+        "(fewstep_export.json: pipeline_calls['1']).",
+        stacklevel=3,
+    )
+    scheduler = _flow_scheduler(process, denoiser.prediction)
+    one = sampler.with_steps(1)
+    return StudentSchedule(scheduler, {1: _sampler_call(scheduler, process, one, sample_size)})
+
+
+def student_schedule(
+    denoiser: Denoiser, sampler: Sampler, steps: list[int], sample_size: int
+) -> StudentSchedule:
+    """The scheduler and pipeline calls reproducing ``sampler`` over ``denoiser`` (what the
+    method's ``student_denoiser`` returns) at each step count in ``steps``: Consistency on
+    DiscreteDDPM -> LCMScheduler with our timesteps; Consistency (f = x - t v) on RectifiedFlow ->
+    flow Euler at 1 step; other samplers (Euler on a flow, DDIM...) -> the teacher mapping."""
+    check_student_exportable(denoiser)
+    process = denoiser.process
+    steps = sorted({int(n) for n in steps})
+    if isinstance(sampler, Consistency):
+        if isinstance(process, DiscreteDDPM):
+            schedule = _lcm_schedule(denoiser, sampler, steps, sample_size)
+        else:
+            schedule = _flow_consistency_schedule(denoiser, sampler, sample_size)
+    elif isinstance(denoiser, ConsistencyDenoiser):
+        raise ValueError(
+            f"Cannot export a consistency function sampled by {sampler!r}: diffusers schedulers "
+            "would see the raw network, not f = c_skip x + c_out x̂0; sample it with Consistency."
+        )
+    else:
+        scheduler = diffusers_scheduler(process, denoiser.prediction, sampler)
+        walk = {n: sampler.with_steps(n) for n in steps}
+        calls = {n: _sampler_call(scheduler, process, s, sample_size) for n, s in walk.items()}
+        schedule = StudentSchedule(scheduler, calls)
+    schedule.notes.update(guidance=NO_CFG, exact_steps=sorted(schedule.calls))
+    return schedule

@@ -1,5 +1,5 @@
-"""`fewstep export`: a trained teacher (its fit YAML + a checkpoint) as a diffusers
-``PixArtSigmaPipeline`` folder, with the EMA weights when the checkpoint has them."""
+"""`fewstep export`: a trained teacher or distilled student (its fit YAML + a checkpoint) as a
+diffusers ``PixArtSigmaPipeline`` folder, with the EMA weights when the checkpoint has them."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from fewstep.export.pixart_pipeline import check_out_dir, export_pixart_sigma_pipeline
+from fewstep.export.pixart_pipeline import (
+    check_out_dir,
+    export_pixart_sigma_pipeline,
+    export_student_pipeline,
+)
 from fewstep.lightning.ema import EMA
 
 REQUIRED = ("network", "process", "prediction")  # what an exportable module must carry
+STUDENT = ("student", "method", "sampler")  # a StudentModule carries these instead of network
 
 
 def load_module(config: str | Path) -> pl.LightningModule:
@@ -36,12 +41,18 @@ def load_module(config: str | Path) -> pl.LightningModule:
         raise type(err)(f"Could not build the model of '{path}': {err}") from None
     except Exception as err:  # jsonargparse's ArgumentError and friends
         raise ValueError(f"Could not build the model of '{path}': {err}") from None
-    missing = [name for name in REQUIRED if not hasattr(module, name)]
+    required = REQUIRED if not is_student(module) else REQUIRED[1:]
+    missing = [name for name in required if not hasattr(module, name)]
     if missing:
         raise ValueError(
             f"{type(module).__name__} from '{path}' cannot be exported: it has no {missing}."
         )
     return module
+
+
+def is_student(module: nn.Module) -> bool:
+    """Whether ``module`` is a distilled student (a StudentModule: student, method, sampler)."""
+    return all(hasattr(module, name) for name in STUDENT)
 
 
 def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
@@ -72,7 +83,7 @@ def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:
 
 def apply_ema(module: pl.LightningModule, state: dict[str, Any]) -> None:
     """Copy the EMA average into the network it was taken of (``ema_target``)."""
-    target: nn.Module = getattr(module, "ema_target", module.network)
+    target: nn.Module = module.ema_target if hasattr(module, "ema_target") else module.network
     ema = EMA()
     ema.load_state_dict(state)
     try:
@@ -90,12 +101,14 @@ def export(
     vae_path: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, str]:
-    """Export a teacher (fit YAML ``config`` + ``ckpt_path``) as a PixArtSigmaPipeline folder at
-    ``out``; ``ema`` uses the checkpoint's EMA average, ``text_encoder_path`` adds T5 + tokenizer
-    (a pipeline folder or a model folder), ``vae_path`` overrides the config's VAE."""
+    """Export a teacher or a distilled student (fit YAML ``config`` + ``ckpt_path``) as a
+    PixArtSigmaPipeline folder at ``out``; ``ema`` uses the checkpoint's EMA average,
+    ``text_encoder_path`` adds T5 + tokenizer (a pipeline folder or a model folder), ``vae_path``
+    overrides the config's VAE. A student gets the scheduler of its few-step sampler."""
     check_out_dir(out, overwrite)  # fail before the slow part
     module = load_module(config)
     ckpt = load_checkpoint(ckpt_path)
+    module.on_load_checkpoint(ckpt)  # a student checks and restores its (unsaved) teacher
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
@@ -119,6 +132,13 @@ def export(
             f"'{config}' sets no model.init_args.vae_path; pass --vae_path (the VAE the latents "
             "were encoded with)."
         )
+    metadata = {
+        "source": {"config": str(config), "ckpt_path": str(ckpt_path), "weights": weights},
+        "global_step": ckpt.get("global_step"),
+    }
+    if is_student(module):
+        folder = _export_student(module, vae, out, text_encoder_path, overwrite, metadata)
+        return {"pipeline": str(folder), "weights": weights, "kind": "student"}
     folder = export_pixart_sigma_pipeline(
         module.network,
         vae,
@@ -129,9 +149,34 @@ def export(
         text_encoder_path=text_encoder_path,
         overwrite=overwrite,
         guidance_scale=getattr(module, "guidance_scale", None),
-        metadata={
-            "source": {"config": str(config), "ckpt_path": str(ckpt_path), "weights": weights},
-            "global_step": ckpt.get("global_step"),
-        },
+        metadata=metadata,
     )
     return {"pipeline": str(folder), "weights": weights}
+
+
+def _export_student(
+    module: pl.LightningModule,
+    vae: str,
+    out: str,
+    text_encoder_path: str | None,
+    overwrite: bool,
+    metadata: dict[str, Any],
+) -> Path:
+    """The student network with the scheduler of its sampler at every evaluated step count."""
+    method = module.method
+    steps = sorted({*getattr(module, "eval_steps", []), module.sampler.steps})
+    return export_student_pipeline(
+        module.student,
+        vae,
+        out,
+        method.student_denoiser(module.models.student),
+        module.sampler,
+        steps=steps,
+        text_encoder_path=text_encoder_path,
+        overwrite=overwrite,
+        metadata={
+            **metadata,
+            "method": type(method).__name__,
+            "teacher": dict(getattr(module, "teacher_identity", {})),
+        },
+    )

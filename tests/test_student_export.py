@@ -1,0 +1,240 @@
+"""Distilled students out as diffusers PixArtSigmaPipeline folders whose scheduler reproduces the
+student's few-step sampling (LCMScheduler for consistency students of DDPM teachers, flow Euler
+for Euler students of rectified-flow teachers), through the API and `fewstep export`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from diffusers import LCMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from student_fixtures import CONFIGS, TEXT_DIM, TinyTeacher, build_tiny_teacher, cpu_student_config
+from torch import Tensor
+
+from fewstep.cli import main
+from fewstep.data.datamodule import CachedLatentDataModule
+from fewstep.diffusion import Consistency, DiscreteDDPM, Euler
+from fewstep.distill.consistency import ConsistencyDistillation, lcm_boundary
+from fewstep.distill.reflow import Reflow
+from fewstep.export.pixart_pipeline import EXPORT_RECORD, export_student_pipeline
+from fewstep.export.schedulers import X0_TIMESTEP_SCALING, Boundary
+from fewstep.lightning.ema import EMA
+from fewstep.lightning.student_module import StudentModule
+from fewstep.models.dit_convert import state_dict_to_diffusers
+from fewstep.tools.export import apply_ema, ema_state, load_module
+
+STEPS = [1, 2, 4]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation:DeprecationWarning",
+    "ignore:.*init_noise_sigma.*:FutureWarning",  # flow: read from the scheduler config
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ddpm_teacher(tmp_path_factory) -> TinyTeacher:
+    """A tiny DDPM-ε teacher with learned sigma (PixArt's process)."""
+    return build_tiny_teacher(tmp_path_factory.mktemp("ddpm"), "ddpm")
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory) -> TinyTeacher:
+    """A tiny rectified-flow velocity teacher."""
+    return build_tiny_teacher(tmp_path_factory.mktemp("flow"), "flow")
+
+
+def student(teacher: TinyTeacher, method, sampler) -> StudentModule:
+    """A student whose weights are moved off the teacher's (so the export must carry them)."""
+    torch.manual_seed(0)
+    module = StudentModule(
+        str(teacher.config), str(teacher.ckpt), method, sampler, eval_steps=[1, 2]
+    ).eval()
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return module
+
+
+def text_and_noise(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Two captions (padded text + mask) and latent noise."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    text = torch.randn(2, 5, TEXT_DIM, generator=g) * mask[..., None]
+    return text, mask, torch.randn(2, 8, 16, 16, generator=g)
+
+
+def ours(module: StudentModule, n: int, seed: int = 7) -> Tensor:
+    """The student's n-step latents from text_and_noise(), re-noising from seed."""
+    text, mask, noise = text_and_noise()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        return module.student_latents(text, mask.bool(), noise, steps=n, generator=gen)
+
+
+def pipeline_latents(out: Path, n: int, seed: int = 7) -> Tensor:
+    """The exported pipeline's n-step latents from the same inputs (recorded call kwargs)."""
+    text, mask, noise = text_and_noise()
+    call = json.loads((out / EXPORT_RECORD).read_text())["pipeline_calls"][str(n)]
+    pipe = PixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt_embeds=text,
+        prompt_attention_mask=mask,
+        latents=noise.clone(),
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+        **call,
+    ).images
+
+
+def assert_close(pipe: Tensor, reference: Tensor) -> None:
+    """Equal within 1e-4 relative to the largest entry (a random ε-net's x0 is large)."""
+    assert reference.abs().mean() > 0.1
+    assert (pipe - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+def export(module: StudentModule, out: Path, steps: list[int] = STEPS) -> dict:
+    """Export through the API, as `fewstep export` does; returns the record."""
+    denoiser = module.method.student_denoiser(module.models.student)
+    export_student_pipeline(module.student, module.vae_path, out, denoiser, module.sampler, steps)
+    return json.loads((out / EXPORT_RECORD).read_text())
+
+
+def test_lcm_student_on_ddpm_matches_the_pipeline_at_1_2_4_steps(ddpm_teacher, tmp_path):
+    module = student(ddpm_teacher, ConsistencyDistillation(), Consistency(steps=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # exact: no boundary or grid warning
+        record = export(module, tmp_path / "lcm")
+    calls = record["pipeline_calls"]
+    assert calls["4"]["timesteps"] == [999, 749, 499, 249] and calls["1"]["timesteps"] == [999]
+    assert all(c["guidance_scale"] == 1.0 for c in calls.values())
+    assert record["student"]["exact_steps"] == STEPS and record["pipeline_call"] == calls["4"]
+    assert max(record["student"]["boundary"]["mismatch"].values()) < 1e-9
+    scheduler = PixArtSigmaPipeline.from_pretrained(tmp_path / "lcm").scheduler
+    assert isinstance(scheduler, LCMScheduler) and scheduler.config.original_inference_steps == 4
+    for n in STEPS:  # same generator seed on both sides: LCM re-noises like our sampler
+        assert_close(pipeline_latents(tmp_path / "lcm", n), ours(module, n))
+    assert not torch.equal(ours(module, 2, seed=7), ours(module, 2, seed=8))  # noise matters
+
+
+@pytest.mark.parametrize("timesteps", [None, [1.0, 0.8, 0.5, 0.3]])
+def test_euler_student_on_flow_matches_the_pipeline_at_1_2_4_steps(
+    flow_teacher, tmp_path, timesteps
+):
+    sampler = Euler(steps=4, timesteps=timesteps)
+    module = student(flow_teacher, Reflow(), sampler)
+    record = export(module, tmp_path / "euler")
+    calls = record["pipeline_calls"]
+    expected = sampler.with_steps(2).timesteps(module.process)[:-1].tolist()
+    assert calls["2"]["sigmas"] == pytest.approx(expected) and calls["2"]["guidance_scale"] == 1.0
+    for n in STEPS:
+        assert_close(pipeline_latents(tmp_path / "euler", n), ours(module, n))
+
+
+def test_consistency_student_on_flow_exports_its_one_step_sampling(flow_teacher, tmp_path):
+    module = student(flow_teacher, ConsistencyDistillation(), Consistency(steps=4))
+    with pytest.warns(UserWarning, match=r"1-step samples only"):
+        record = export(module, tmp_path / "flow_lcm")
+    assert list(record["pipeline_calls"]) == ["1"] and record["student"]["exact_steps"] == [1]
+    assert_close(pipeline_latents(tmp_path / "flow_lcm", 1), ours(module, 1))
+
+
+def test_boundary_constants_equal_lcm_schedulers_up_to_the_t_plus_1_offset():
+    process, t = DiscreteDDPM(), torch.arange(1.0, 1000.0, dtype=torch.float64)
+    for sigma_data, scaling in [(0.5, 10.0), (0.25, 4.0)]:
+        boundary = Boundary("lcm", sigma_data, scaling)
+        lcm = LCMScheduler(timestep_scaling=boundary.lcm_timestep_scaling)
+        theirs = lcm.get_scalings_for_boundary_condition_discrete(t)
+        shifted = lcm_boundary(t - 1.0, process, sigma_data, scaling)  # ours use t - t_clean
+        for a, b in zip(theirs, shifted, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+        at = lcm_boundary(t, process, sigma_data, scaling)  # the gap at the same t: tiny above 249
+        gap = sum((a - b).abs() for a, b in zip(theirs, at, strict=True))
+        assert gap[248:].max() < 1e-9 and gap[:4].max() > 1e-6
+    lcm = LCMScheduler(timestep_scaling=X0_TIMESTEP_SCALING)  # boundary x0: f = x̂0
+    c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
+    assert c_skip.max() < 1e-12 and (c_out - 1.0).abs().max() < 1e-12
+
+
+def test_small_student_timesteps_warn_of_the_boundary_gap(ddpm_teacher, tmp_path):
+    module = student(ddpm_teacher, ConsistencyDistillation(), Consistency(timesteps=[999, 2]))
+    with pytest.warns(UserWarning, match=r"timesteps \[2\].*boundary|boundary.*timesteps \[2\]"):
+        record = export(module, tmp_path / "small", steps=[2])
+    assert record["student"]["boundary"]["mismatch"]["2"] > 1e-4
+
+
+def test_unexportable_students_raise_clear_errors(ddpm_teacher, tmp_path):
+    guided = ConsistencyDistillation(guidance_scale=(1.5, 3.0), guidance_embedding=True)
+    cases = [
+        (guided, Consistency(steps=2), r"guidance-scale embedding.*guidance_embedding: false"),
+        (Reflow(), Euler(steps=2), r"flow time.*rectified-flow teacher"),
+        (ConsistencyDistillation(), Consistency(timesteps=[998.5, 499.0]), r"integer timesteps"),
+        (ConsistencyDistillation(), Euler(steps=2), r"sample it with Consistency"),
+    ]
+    for method, sampler, message in cases:
+        module = student(ddpm_teacher, method, sampler)
+        with pytest.raises(ValueError, match=message):
+            export(module, tmp_path / "never", steps=[sampler.steps])
+        assert not (tmp_path / "never").exists()
+
+
+def fit_one_step(config: Path, teacher: TinyTeacher, root: Path) -> tuple[StudentModule, Path]:
+    """One distillation step of the student YAML with an EMA callback; the checkpoint path."""
+    pl.seed_everything(0, verbose=False)
+    module = load_module(config)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[EMA(decay=0.5)],
+        default_root_dir=root,
+    )
+    data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
+    trainer.fit(module, datamodule=data)
+    ckpt = root / "student.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return module, ckpt
+
+
+def test_export_cli_writes_the_ema_student_with_its_lcm_scheduler(ddpm_teacher, tmp_path):
+    yaml_path = CONFIGS / "student/lcm_shapes.yaml"
+    config = cpu_student_config(yaml_path, ddpm_teacher, tmp_path, eval_steps=[1, 2, 4])
+    module, ckpt = fit_one_step(config, ddpm_teacher, tmp_path)
+    raw = copy.deepcopy(module.student.state_dict())
+    apply_ema(module, ema_state(torch.load(ckpt, weights_only=False)))
+    ema = module.student.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # EMA != raw weights
+
+    out = tmp_path / "exported"
+    main(["export", "-c", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    exported = PixArtTransformer2DModel.from_pretrained(out / "transformer").state_dict()
+    expected = state_dict_to_diffusers(ema)
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["kind"] == "student" and record["method"] == "ConsistencyDistillation"
+    assert record["source"]["weights"] == "ema" and sorted(record["pipeline_calls"]) == [
+        "1",
+        "2",
+        "4",
+    ]
+    assert record["teacher"]["sha256"] == module.teacher_identity["sha256"]
+    assert_close(pipeline_latents(out, 2), ours(module.eval(), 2))
