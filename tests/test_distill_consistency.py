@@ -33,17 +33,10 @@ from fewstep.distill.consistency import (
 )
 from fewstep.models.dit import DiT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).parents[1] / "configs"
 TEXT_DIM = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_dit(**kwargs) -> DiT:

@@ -48,6 +48,8 @@ from fewstep.lightning.student_module import StudentModule
 from fewstep.tools.couplings import load_teacher
 from fewstep.tools.export import load_module
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).parents[1]
 SHAPE = (3, 2, 4, 4)  # [B, C, h, w]
 CASES = [  # (process, prediction): a flow teacher and DDPM teachers in every parameterisation
@@ -58,14 +60,6 @@ CASES = [  # (process, prediction): a flow teacher and DDPM teachers in every pa
     (DiscreteDDPM(), "x0"),
 ]
 IDS = ["flow-velocity", "flow-x0", "ddpm-eps", "ddpm-v", "ddpm-x0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def unscale_time(process: NoiseProcess, model_t: Tensor) -> Tensor:

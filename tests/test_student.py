@@ -24,14 +24,7 @@ from fewstep.lightning.ema import EMA
 from fewstep.lightning.student_module import StudentModule, TeacherMismatchError
 from fewstep.utils.fingerprint import weights_hash
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,19 +29,13 @@ from fewstep.models.dit_convert import state_dict_to_diffusers
 from fewstep.tools.export import apply_ema, ema_state, load_module
 
 STEPS = [1, 2, 4]
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation:DeprecationWarning",
-    "ignore:.*init_noise_sigma.*:FutureWarning",  # flow: read from the scheduler config
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation:DeprecationWarning",
+        "ignore:.*init_noise_sigma.*:FutureWarning",  # flow: read from the scheduler config
+    ),
+]
 
 
 @pytest.fixture(scope="module")

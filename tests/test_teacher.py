@@ -22,6 +22,8 @@ from fewstep.lightning.teacher_module import TeacherModule
 from fewstep.models.dit import DiT
 from fewstep.models.vae import VAE
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).parents[1]
 TEXT_DIM, LENGTH = 16, 6
 
@@ -98,15 +100,6 @@ def make_trainer(max_steps: int, tmp_path: Path | None = None, **kwargs) -> pl.T
         default_root_dir=tmp_path,
         **kwargs,
     )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and immune to a busy machine's thread contention) on 1 thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
