@@ -35,7 +35,7 @@ from fewstep.lightning.sampling import (
 )
 from fewstep.lightning.teacher_module import TeacherModule, default_optimizer
 from fewstep.models.vae import VAE
-from fewstep.tools.export import apply_ema, ema_state, load_checkpoint, load_module
+from fewstep.tools.export import load_trained
 from fewstep.utils.fingerprint import weights_hash
 
 TEACHER_PREFIX = "teacher."
@@ -48,23 +48,8 @@ class TeacherMismatchError(RuntimeError):
 def load_teacher(config: str, ckpt: str, use_ema: bool = True) -> pl.LightningModule:
     """The teacher LightningModule of a fit YAML (its ``model:`` section) with the checkpoint's
     weights, the EMA average in place when ``use_ema``; frozen (requires_grad False, eval)."""
-    module = load_module(config)
-    state = load_checkpoint(ckpt)
-    try:
-        module.load_state_dict(state["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"StudentModule teacher_ckpt '{ckpt}' does not fit the model of teacher_config "
-            f"'{config}': {err}"
-        ) from None
-    if use_ema:
-        ema = ema_state(state)
-        if ema is None:
-            raise ValueError(
-                f"StudentModule: teacher_ckpt '{ckpt}' has no EMA average; set "
-                "model.init_args.use_teacher_ema=false to distill the raw trained weights."
-            )
-        apply_ema(module, ema)
+    hint = "set model.init_args.use_teacher_ema=false to distill the raw trained weights."
+    module, _, _ = load_trained(config, ckpt, use_ema, "StudentModule teacher_ckpt", hint)
     return module.requires_grad_(False).eval()
 
 

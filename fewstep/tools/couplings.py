@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +15,15 @@ from fewstep.data.cache_builder import describe_dataset
 from fewstep.data.couplings import build_couplings
 from fewstep.diffusion.samplers import Sampler
 from fewstep.lightning.sampling import as_null_text, generate
-from fewstep.tools.export import apply_ema, ema_state, load_checkpoint, load_module
+from fewstep.tools.export import load_trained
 from fewstep.utils.fingerprint import weights_hash
 
 
 def load_teacher(config: str, ckpt_path: str, ema: bool = True) -> tuple[pl.LightningModule, str]:
     """The teacher of fit YAML ``config`` with ``ckpt_path``'s weights (EMA when there is an
     average and ``ema``), frozen in eval mode; returns (module, "ema" | "raw")."""
-    module = load_module(config)
-    ckpt = load_checkpoint(ckpt_path)
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"Checkpoint '{ckpt_path}' does not fit the model of '{config}': {err}"
-        ) from None
-    state = ema_state(ckpt) if ema else None
-    if ema and state is None:
-        warnings.warn(f"'{ckpt_path}' has no EMA average; using the raw weights.", stacklevel=2)
-    if state is not None:
-        apply_ema(module, state)
-    return module.requires_grad_(False).eval(), "raw" if state is None else "ema"
+    module, _, weights = load_trained(config, ckpt_path, ema)
+    return module.requires_grad_(False).eval(), weights
 
 
 def data_args(config: str) -> dict[str, Any]:

@@ -92,6 +92,35 @@ def apply_ema(module: pl.LightningModule, state: dict[str, Any]) -> None:
         raise ValueError(f"The checkpoint's EMA average does not fit the network: {err}") from None
 
 
+def load_trained(
+    config: str | Path,
+    ckpt_path: str | Path,
+    ema: bool = True,
+    what: str = "Checkpoint",
+    require_ema: str | None = None,
+) -> tuple[pl.LightningModule, dict[str, Any], str]:
+    """The module of fit YAML ``config`` with ``ckpt_path``'s weights, the EMA average in place
+    when ``ema`` and the checkpoint has one; returns (module, checkpoint, "ema" | "raw").
+    Without an average it warns, or raises with the hint ``require_ema`` when that is given."""
+    module = load_module(config)
+    ckpt = load_checkpoint(ckpt_path)
+    module.on_load_checkpoint(ckpt)  # a student checks and restores its (unsaved) teacher
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{what} '{ckpt_path}' does not fit the model of '{config}': {err}"
+        ) from None
+    state = ema_state(ckpt) if ema else None
+    if ema and state is None:
+        if require_ema is not None:
+            raise ValueError(f"{what} '{ckpt_path}' has no EMA average; {require_ema}")
+        warnings.warn(f"'{ckpt_path}' has no EMA average; using the raw weights.", stacklevel=2)
+    if state is not None:
+        apply_ema(module, state)
+    return module, ckpt, "raw" if state is None else "ema"
+
+
 def export(
     config: str,
     ckpt_path: str,
@@ -106,26 +135,7 @@ def export(
     ``text_encoder_path`` adds T5 + tokenizer (a pipeline folder or a model folder), ``vae_path``
     overrides the config's VAE. A student gets the scheduler of its few-step sampler."""
     check_out_dir(out, overwrite)  # fail before the slow part
-    module = load_module(config)
-    ckpt = load_checkpoint(ckpt_path)
-    module.on_load_checkpoint(ckpt)  # a student checks and restores its (unsaved) teacher
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"Checkpoint '{ckpt_path}' does not match the model of '{config}': {err}"
-        ) from None
-    weights = "raw"
-    if ema:
-        state = ema_state(ckpt)
-        if state is None:
-            warnings.warn(
-                f"'{ckpt_path}' has no EMA average; exporting the trained (raw) weights.",
-                stacklevel=2,
-            )
-        else:
-            apply_ema(module, state)
-            weights = "ema"
+    module, ckpt, weights = load_trained(config, ckpt_path, ema)
     vae = vae_path or getattr(module, "vae_path", None)
     if vae is None:
         raise ValueError(
