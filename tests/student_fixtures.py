@@ -75,8 +75,12 @@ def build_tiny_vae(folder: Path) -> Path:
     return folder
 
 
-def build_tiny_cache(out: Path, vae_dir: Path, num_samples: int = 24) -> Path:
-    """A shapes-world latent cache of ``num_samples`` 64 px images (about a second on CPU)."""
+def build_tiny_cache(
+    out: Path, vae_dir: Path, num_samples: int = 24, shard_size: int | None = None
+) -> Path:
+    """A shapes-world latent cache of ``num_samples`` 64 px images (about a second on CPU),
+    in shards of ``shard_size`` (default: one shard)."""
+    shard_size = shard_size or num_samples
     main(
         [
             "cache",
@@ -88,8 +92,8 @@ def build_tiny_cache(out: Path, vae_dir: Path, num_samples: int = 24) -> Path:
             "--vae.init_args.pretrained_path",
             str(vae_dir),
             f"--dataset.init_args.size={num_samples}",
-            f"--shard_size={num_samples}",
-            f"--batch_size={num_samples}",
+            f"--shard_size={shard_size}",
+            f"--batch_size={shard_size}",
         ]
     )
     return out

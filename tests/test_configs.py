@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from student_fixtures import build_tiny_teacher, cpu_student_config
+from student_fixtures import (
+    LATENT_CHANNELS,
+    build_tiny_cache,
+    build_tiny_teacher,
+    build_tiny_vae,
+    cpu_student_config,
+)
 
 from fewstep.cli import main
 from fewstep.data.cache import read_manifest
@@ -15,7 +21,6 @@ from fewstep.models.vae import VAE
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # configs/model/dit/*.yaml are network presets, instantiated in tests/test_dit.py.
-LATENT_CHANNELS = 8  # as configs/vae/shapes.yaml
 RUNNERS = {"shapes", "vae", "cache", "model", "teacher", "student"}
 
 
@@ -30,11 +35,7 @@ def test_every_config_folder_has_a_runner():
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("vae")
-    vae = VAE(block_out_channels=(8, 16, 16), norm_num_groups=4, latent_channels=LATENT_CHANNELS)
-    vae.set_latent_scale(0.5, 0.0)
-    vae.save_pretrained(folder)
-    return folder
+    return build_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.mark.parametrize("path", yamls("shapes"), ids=lambda p: p.name)
@@ -104,22 +105,7 @@ def test_cache_configs(path, tmp_path, tiny_vae_dir):
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory, tiny_vae_dir) -> Path:
     out = tmp_path_factory.mktemp("cache") / "cache"
-    main(
-        [
-            "cache",
-            "-c",
-            str(CONFIGS / "cache/shapes.yaml"),
-            "--out",
-            str(out),
-            "--device=cpu",
-            "--vae.init_args.pretrained_path",
-            str(tiny_vae_dir),
-            "--dataset.init_args.size=48",
-            "--shard_size=24",
-            "--batch_size=24",
-        ]
-    )
-    return out
+    return build_tiny_cache(out, tiny_vae_dir, num_samples=48, shard_size=24)
 
 
 # *pretrained* teachers load a PixArt folder: tested with a tiny one below.
