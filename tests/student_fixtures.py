@@ -66,6 +66,22 @@ class TinyTeacher:
     kind: str  # "flow" or "ddpm"
 
 
+def quiet_trainer(max_steps: int, root: Path | None = None, **kwargs: Any) -> pl.Trainer:
+    """A CPU trainer without logger, checkpoints, progress bar, summary, sanity check or
+    validation batches (each overridable through ``kwargs``)."""
+    kwargs = {"logger": False, "enable_checkpointing": False, "limit_val_batches": 0, **kwargs}
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        **kwargs,
+    )
+
+
 def build_tiny_vae(folder: Path) -> Path:
     """A random factor-4 VAE with 8 latent channels, saved at ``folder``."""
     torch.manual_seed(0)
@@ -133,18 +149,7 @@ def train_tiny_teacher(config: Path, ckpt: Path, cache: Path, steps: int = 2) ->
     with torch.no_grad():
         for p in module.network.parameters():
             p.normal_(0.0, 0.05)  # the PixArt init zeroes the output: make the teacher non-trivial
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[EMA(decay=0.5)],
-    )
+    trainer = quiet_trainer(steps, callbacks=[EMA(decay=0.5)])
     data = CachedLatentDataModule(str(cache), batch_size=4, val_fraction=0.25)
     trainer.fit(module, data)
     trainer.save_checkpoint(ckpt)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from student_fixtures import build_tiny_teacher
+from student_fixtures import build_tiny_teacher, quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -107,18 +107,8 @@ def student(teacher, method: DistillationMethod | None = None, **kwargs) -> Stud
 
 
 def trainer(max_steps: int, root: Path, **kwargs) -> pl.Trainer:
-    kwargs = {"logger": False, "enable_checkpointing": False, "limit_val_batches": 0, **kwargs}
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        deterministic=True,
-        **kwargs,
-    )
+    """Quiet deterministic CPU trainer."""
+    return quiet_trainer(max_steps, root, deterministic=True, **kwargs)
 
 
 def snapshot(module: nn.Module) -> dict[str, Tensor]:

@@ -13,7 +13,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from diffusers import LCMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-from student_fixtures import CONFIGS, TEXT_DIM, TinyTeacher, build_tiny_teacher, cpu_student_config
+from student_fixtures import (
+    CONFIGS,
+    TEXT_DIM,
+    TinyTeacher,
+    build_tiny_teacher,
+    cpu_student_config,
+    quiet_trainer,
+)
 from torch import Tensor
 
 from fewstep.cli import main
@@ -189,19 +196,7 @@ def fit_one_step(config: Path, teacher: TinyTeacher, root: Path) -> tuple[Studen
     """One distillation step of the student YAML with an EMA callback; the checkpoint path."""
     pl.seed_everything(0, verbose=False)
     module = load_module(config)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[EMA(decay=0.5)],
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(1, root, callbacks=[EMA(decay=0.5)])
     data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
     trainer.fit(module, datamodule=data)
     ckpt = root / "student.ckpt"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from student_fixtures import quiet_trainer
 from torch.utils.data import DataLoader
 
 from fewstep.cli import main
@@ -83,23 +84,7 @@ def teacher(**kwargs) -> TeacherModule:
 
 def make_trainer(max_steps: int, tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
     """Quiet deterministic CPU trainer."""
-    kwargs = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "limit_val_batches": 0,
-        "deterministic": True,
-        **kwargs,
-    }
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    return quiet_trainer(max_steps, tmp_path, deterministic=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
