@@ -36,10 +36,12 @@ def _last_checkpoint(log_dir: Path) -> list[str]:
 
 
 def _fit_once(config: Path, log_dir: Path) -> None:
-    """``fewstep fit`` unless ``log_dir/FINISHED`` says it finished; resumes from last.ckpt."""
+    """``fewstep fit`` unless ``log_dir/FINISHED`` says it finished; resumes from last.ckpt.
+    Validation is left to ``_validate_metrics`` (run once, after the fit)."""
     done = log_dir / "FINISHED"
     if not done.is_file():
-        _cli(["fit", "-c", str(config), *_last_checkpoint(log_dir)])
+        no_val = ["--trainer.limit_val_batches", "0"]
+        _cli(["fit", "-c", str(config), *no_val, *_last_checkpoint(log_dir)])
         done.write_text("fit finished\n")
 
 
@@ -100,7 +102,7 @@ def stage_teacher() -> dict[str, Any]:
     return {"validate": _validate_metrics(config, log_dir)}
 
 
-STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: lcm)
+STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: ladd, the best)
     "lcm": ("student/lcm_shapes.yaml", "student_lcm"),
     "reflow": ("student/reflow_shapes.yaml", "student_reflow"),
     "ladd": ("student/ladd_shapes.yaml", "student_ladd"),
@@ -110,7 +112,7 @@ STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: lcm
 def stage_student() -> dict[str, Any]:
     """Distill the teacher into a 1-4 step student, then evaluate it side by side with the
     teacher (same prompts and noise): scores, fidelity to the teacher, NFE, ms per image."""
-    name = os.environ.get("FEWSTEP_DEMO_STUDENT", "lcm")
+    name = os.environ.get("FEWSTEP_DEMO_STUDENT", "ladd")
     if name not in STUDENTS:
         raise SystemExit(f"FEWSTEP_DEMO_STUDENT={name!r}: choose one of {sorted(STUDENTS)}")
     relative, log_name = STUDENTS[name]

@@ -254,3 +254,14 @@ def test_flops_match_counter_and_scale_with_depth():
     with torch.device("meta"):
         f14, f28 = (DiT(depth=d, **xl).flops_per_sample((128, 128), 300) for d in (14, 28))
     assert f28 > 0 and 1.9 < f28 / f14 <= 2.0
+
+
+def test_caption_init_std_sets_the_text_projection_init_and_exports():
+    torch.manual_seed(0)
+    args = dict(hidden_size=64, depth=1, num_heads=2, caption_channels=256, sample_size=8)
+    wide = DiT(**args, caption_init_std=0.1)
+    assert abs(wide.y_embedder.fc1.weight.std().item() - 0.1) < 0.01
+    assert abs(DiT(**args).y_embedder.fc1.weight.std().item() - 0.02) < 0.002
+    assert diffusers_config(wide)["caption_channels"] == 256  # plain init: still exportable
+    with pytest.raises(ValueError, match="caption_init_std"):
+        DiT(**args, caption_init_std=0.0)

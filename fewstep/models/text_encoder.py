@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import re
 from pathlib import Path
 from typing import Any
@@ -115,17 +117,44 @@ def _load_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def _check_captions(captions: Any) -> None:
+    """Raise unless ``captions`` is a non-empty list of strings."""
+    if isinstance(captions, str) or not captions:
+        raise ValueError("TextEncoder expects a non-empty list of caption strings")
+    bad = [c for c in captions if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"TextEncoder captions must be strings, got {type(bad[0]).__name__}")
+
+
+def _pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Valid-token rows [l_i, D] -> (zero-padded [B, max l, D], mask [B, max l] bool)."""
+    longest = max(r.shape[0] for r in rows)
+    hidden = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        hidden[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
+    return hidden, mask
+
+
 class TextEncoder(nn.Module):
     """Frozen HF encoder mapping captions to per-token embeddings and a validity mask."""
 
     def __init__(
-        self, path: str | None = None, max_length: int = 120, dtype: str = "float32"
+        self,
+        path: str | None = None,
+        max_length: int = 120,
+        dtype: str = "float32",
+        memo_size: int = 0,
     ) -> None:
+        """``memo_size`` > 0 keeps that many captions' embeddings (least recently used out):
+        worth it where captions repeat, as in the shapes world's few hundred captions."""
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"TextEncoder dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if max_length < 1:
             raise ValueError(f"TextEncoder max_length must be >= 1, got {max_length}")
+        if memo_size < 0:
+            raise ValueError(f"TextEncoder memo_size must be >= 0, got {memo_size}")
         self.path = path if path is not None else default_text_encoder_path()
         self.max_length = max_length
         self.dtype_name = dtype
@@ -140,6 +169,8 @@ class TextEncoder(nn.Module):
             )
         self.model.requires_grad_(False)
         self._fingerprint: dict[str, str] | None = None
+        self.memo_size = memo_size
+        self._memo: OrderedDict[str, Tensor] = OrderedDict()  # caption -> valid tokens [l, D]
         self.train(False)
 
     @property
@@ -153,11 +184,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids [B, L], attention_mask [B, L]) padded to the longest, cut at max_length."""
-        if isinstance(captions, str) or not captions:
-            raise ValueError("TextEncoder expects a non-empty list of caption strings")
-        bad = [c for c in captions if not isinstance(c, str)]
-        if bad:
-            raise TypeError(f"TextEncoder captions must be strings, got {type(bad[0]).__name__}")
+        _check_captions(captions)
         tokens = self.tokenizer(
             list(captions),
             padding="longest",
@@ -170,6 +197,23 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(embeddings [B, L, D] float32 with padding zeroed, mask [B, L] bool)."""
+        if self.memo_size == 0:
+            return self._encode(captions)
+        _check_captions(captions)
+        new = list(dict.fromkeys(c for c in captions if c not in self._memo))
+        if new:
+            hidden, mask = self._encode(new)
+            for caption, h, m in zip(new, hidden, mask):
+                self._memo[caption] = h[m]
+        rows = [self._memo[c] for c in captions]
+        for caption in captions:
+            self._memo.move_to_end(caption)
+        while len(self._memo) > max(self.memo_size, len(set(captions))):
+            self._memo.popitem(last=False)
+        return _pad(rows)
+
+    def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Run the encoder: (embeddings [B, L, D] with padding zeroed, mask [B, L] bool)."""
         ids, mask = self.tokenize(captions)
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)

@@ -1,0 +1,82 @@
+"""bench/sweep.py: plan substitution, dotted patches, dependency scheduling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_substitute_parses_whole_placeholders(sweep) -> None:
+    names = {"steps": "650", "name": "t1", "enc": "null"}
+    assert sweep.substitute("{steps}", names) == 650
+    assert sweep.substitute("{enc}", names) is None
+    assert sweep.substitute("runs/{name}/vae", names) == "runs/t1/vae"
+    assert sweep.substitute({"a": ["{steps}", 2]}, names) == {"a": [650, 2]}
+
+
+def test_set_dotted_walks_dicts_and_lists(sweep) -> None:
+    config = {"trainer": {"callbacks": [{"init_args": {"decay": 0.9}}]}}
+    sweep.set_dotted(config, "trainer.callbacks.0.init_args.decay", 0.99)
+    sweep.set_dotted(config, "model.init_args.lr", 1e-3)
+    assert config["trainer"]["callbacks"][0]["init_args"]["decay"] == 0.99
+    assert config["model"] == {"init_args": {"lr": 1e-3}}
+
+
+def test_job_config_writes_patched_yaml(sweep, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sweep, "RUN_ROOT", tmp_path)
+    job = {
+        "name": "t1",
+        "base": "configs/teacher/shapes.yaml",
+        "patches": {"trainer.max_steps": "{steps}", "trainer.logger.init_args.name": "{name}"},
+    }
+    path = sweep.job_config(job, {"steps": "7", "name": "t1"})
+    config = yaml.safe_load(path.read_text())
+    assert config["trainer"]["max_steps"] == 7
+    assert config["trainer"]["logger"]["init_args"]["name"] == "t1"
+    assert config["model"]["class_path"].endswith("TeacherModule")  # the rest is the base
+
+
+def test_schedule_runs_dependents_after_success_and_skips_after_failure(
+    sweep, tmp_path, monkeypatch
+) -> None:
+    order: list[str] = []
+
+    def fake_run(job, variables, log_dir):
+        order.append(job["name"])
+        return {"returncode": 1 if job["name"] == "bad" else 0}
+
+    monkeypatch.setattr(sweep, "run_job", fake_run)
+    plan = {
+        "jobs": [
+            {"name": "child", "after": ["base"]},
+            {"name": "base"},
+            {"name": "bad"},
+            {"name": "orphan", "after": ["bad"]},
+            {"name": "grandchild", "after": ["orphan"]},
+            {"name": "lost", "after": ["missing"]},
+        ]
+    }
+    out = tmp_path / "results.json"
+    sweep.schedule(plan, {}, jobs=1, out=out)
+    results = json.loads(out.read_text())
+    assert order.index("base") < order.index("child")
+    assert "orphan" not in order and "grandchild" not in order and "lost" not in order
+    assert "failed" in results["orphan"]["skipped"]
+    assert "not in the plan" in results["lost"]["skipped"]
+    assert results["child"] == {"returncode": 0}
