@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +202,7 @@ class TextEncoder(nn.Module):
         new = list(dict.fromkeys(c for c in captions if c not in self._memo))
         if new:
             hidden, mask = self._encode(new)
-            for caption, h, m in zip(new, hidden, mask):
+            for caption, h, m in zip(new, hidden, mask, strict=True):
                 self._memo[caption] = h[m]
         rows = [self._memo[c] for c in captions]
         for caption in captions:
