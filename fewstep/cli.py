@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -70,6 +71,9 @@ def main(args: list[str] | None = None) -> object:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOL_NAMES:
         return run_tool(argv[0], argv[1:])
+    # Two-optimiser students checkpoint the state after each step on purpose (resume is tested
+    # to continue exactly); Lightning's warning about it, with its code sample, is noise here.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return FewstepCLI(
         LightningModule,
         LightningDataModule,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.data.prompts import CATEGORIES, caption_of, minimal_alterations, spec_of
+from fewstep.data.prompts import CATEGORIES, COLORS, caption_of, minimal_alterations, spec_of
 from fewstep.data.shapes import ShapesWorld
-from fewstep.eval.detect import Detection, detect_objects
+from fewstep.eval.detect import Detection, analyse, detect_objects
 from fewstep.eval.geneval import (
     GenEvalReport,
     ShapesGenEval,
@@ -121,3 +121,34 @@ def test_report_and_metric_agree():
     for category, acc in report.per_category.items():
         assert result[category].item() == pytest.approx(acc)
     assert "overall" in report.table()
+
+
+def _speckle(seed: int, size: int = 64) -> np.ndarray:
+    """Gray background strewn with small blobs of every palette colour (an untrained model's
+    sample): dozens of coloured components, none of them a shapes-world object."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), 0.5, np.float32)
+    palette = list(COLORS.values())
+    for _ in range(40):
+        y, x = rng.integers(0, size - 5, size=2)
+        image[y : y + 5, x : x + 5] = palette[rng.integers(len(palette))]
+    return image
+
+
+def test_speckle_is_clutter_and_fails_even_lenient_prompts():
+    for seed in range(5):
+        image = _speckle(seed)
+        scene = analyse(image)
+        assert scene.cluttered  # overlapping blobs may still form an "object"
+        for caption in ("a photo of a circle", "a photo of a red square", "a photo of a triangle"):
+            ok, reason = score_image(image, caption)
+            assert not ok and "cluttered" in reason
+
+
+def test_clean_renders_have_no_stray_colour():
+    world = ShapesWorld(size=40, resolution=64, seed=9)
+    for i in range(40):
+        image, spec, _ = world.render(i)
+        scene = analyse(image)
+        assert not scene.cluttered and scene.stray < 0.005
+        assert score_image(image, spec)[0]

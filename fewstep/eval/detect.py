@@ -57,8 +57,32 @@ def nearest_color(hue: np.ndarray) -> np.ndarray:
     return np.minimum(diff, 360 - diff).argmin(axis=-1)
 
 
-def detect_objects(image: np.ndarray, min_area_frac: float = 0.004) -> list[Detection]:
+MIN_OBJECT_FRAC = 0.01  # half the smallest shapes-world object (triangle of side 0.2: 0.02)
+MAX_STRAY_FRAC = 0.02  # more colour than this outside objects: clutter, not a scene
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Detected objects and the fraction of the image that is coloured but in no object (what
+    a trained detector would not see as objects: speckle, fragments, smears)."""
+
+    objects: list[Detection]
+    stray: float
+
+    @property
+    def cluttered(self) -> bool:
+        """True when the stray colour exceeds ``MAX_STRAY_FRAC`` of the image."""
+        return self.stray > MAX_STRAY_FRAC
+
+
+def detect_objects(image: np.ndarray, min_area_frac: float = MIN_OBJECT_FRAC) -> list[Detection]:
     """Find coloured objects on an achromatic background and classify their shapes."""
+    return analyse(image, min_area_frac).objects
+
+
+def analyse(image: np.ndarray, min_area_frac: float = MIN_OBJECT_FRAC) -> Scene:
+    """Objects (components of one palette colour of at least ``min_area_frac`` of the image)
+    and the stray coloured fraction outside them."""
     img = to_float_image(image)
     chroma = img.max(axis=2) - img.min(axis=2)  # H,W
     floor = float(np.median(chroma))  # background noise level: most pixels are background
@@ -78,7 +102,10 @@ def detect_objects(image: np.ndarray, min_area_frac: float = 0.004) -> list[Dete
     taken = np.zeros_like(mask)
     for _, component in components:
         taken |= component
-    return [_describe(k, comp, excess / scale[k], taken & ~comp) for k, comp in components]
+    near_objects = ndimage.binary_dilation(taken, structure=_EIGHT, iterations=2)
+    stray = float((mask & ~near_objects).mean())
+    objects = [_describe(k, comp, excess / scale[k], taken & ~comp) for k, comp in components]
+    return Scene(objects, stray)
 
 
 def _describe(k: int, component: np.ndarray, alpha: np.ndarray, others: np.ndarray) -> Detection:
