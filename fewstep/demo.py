@@ -35,14 +35,21 @@ def _last_checkpoint(log_dir: Path) -> list[str]:
     return ["--ckpt_path", str(last)] if last.is_file() else []
 
 
-def _fit_once(config: Path, log_dir: Path) -> None:
+def _fit_once(config: Path, log_dir: Path) -> dict[str, float]:
     """``fewstep fit`` unless ``log_dir/FINISHED`` says it finished; resumes from last.ckpt.
-    Validation is left to ``_validate_metrics`` (run once, after the fit)."""
+    Validation is left to ``_validate_metrics`` (run once, after the fit). Returns
+    ``{"reused_fit_seconds": s}`` when an earlier fit was reused (its time, if recorded)."""
     done = log_dir / "FINISHED"
-    if not done.is_file():
-        no_val = ["--trainer.limit_val_batches", "0"]
-        _cli(["fit", "-c", str(config), *no_val, *_last_checkpoint(log_dir)])
-        done.write_text("fit finished\n")
+    if done.is_file():
+        try:
+            return {"reused_fit_seconds": float(json.loads(done.read_text())["fit_seconds"])}
+        except (ValueError, KeyError, TypeError):
+            return {"reused_fit_seconds": 0.0}  # finished by an older fewstep: time unknown
+    start = time.time()
+    no_val = ["--trainer.limit_val_batches", "0"]
+    _cli(["fit", "-c", str(config), *no_val, *_last_checkpoint(log_dir)])
+    done.write_text(json.dumps({"fit_seconds": round(time.time() - start, 1)}) + "\n")
+    return {}
 
 
 def _validate_metrics(config: Path, log_dir: Path) -> dict[str, float]:
@@ -98,8 +105,8 @@ def stage_cache() -> dict[str, Any]:
 def stage_teacher() -> dict[str, Any]:
     """Train the CPU teacher (configs/teacher/shapes.yaml), then validate it with the scorer."""
     config, log_dir = CONFIGS / "teacher/shapes.yaml", RUN_DIR / "teacher"
-    _fit_once(config, log_dir)
-    return {"validate": _validate_metrics(config, log_dir)}
+    reused = _fit_once(config, log_dir)
+    return {"validate": _validate_metrics(config, log_dir), **reused}
 
 
 STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: ladd, the best)
@@ -119,8 +126,9 @@ def stage_student() -> dict[str, Any]:
     config, log_dir = CONFIGS / relative, RUN_DIR / log_name
     if name == "reflow":
         _cli(["couplings", "-c", str(CONFIGS / "student/reflow_couplings_shapes.yaml")])
-    _fit_once(config, log_dir)
-    return {"method": name, "log_dir": str(log_dir), "validate": _validate_metrics(config, log_dir)}
+    reused = _fit_once(config, log_dir)
+    metrics = _validate_metrics(config, log_dir)
+    return {"method": name, "log_dir": str(log_dir), "validate": metrics, **reused}
 
 
 def stage_report() -> dict[str, Any]:

@@ -48,3 +48,16 @@ def test_resume_argument_only_when_last_checkpoint_exists(tmp_path):
     last.parent.mkdir()
     last.write_bytes(b"")
     assert demo._last_checkpoint(tmp_path) == ["--ckpt_path", str(last)]
+
+
+def test_fit_runs_once_records_its_time_and_is_reused(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "_cli", lambda args: calls.append(args))
+    assert demo._fit_once(tmp_path / "c.yaml", tmp_path) == {}
+    assert calls and calls[0][:3] == ["fit", "-c", str(tmp_path / "c.yaml")]
+    assert "--trainer.limit_val_batches" in calls[0]  # validated once, after the fit
+    recorded = json.loads((tmp_path / "FINISHED").read_text())["fit_seconds"]
+    assert demo._fit_once(tmp_path / "c.yaml", tmp_path) == {"reused_fit_seconds": recorded}
+    assert len(calls) == 1
+    (tmp_path / "FINISHED").write_text("fit finished\n")  # written by an older fewstep
+    assert demo._fit_once(tmp_path / "c.yaml", tmp_path) == {"reused_fit_seconds": 0.0}

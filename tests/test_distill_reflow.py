@@ -458,6 +458,7 @@ def test_reflow_student_config_fits_and_validates(tiny, couplings_dir, tmp_path,
     main(["validate", *common, "--ckpt_path", str(ckpt)])
     table = next(tmp_path.rglob("eval_table.md")).read_text()
     assert "student_1" in table and "student_2" in table
+    assert "(step 2)" in table  # the checkpoint's step, although `validate` starts at 0
 
 
 def test_ddpm_eps_teacher_distils_end_to_end(tiny, tmp_path, monkeypatch):

@@ -212,3 +212,9 @@ def test_malformed_entries_do_not_crash(tmp_path):
     assert row(md, "student")[1] == "not run" and row(md, "teacher")[1:3] == ["done", "–"]
     assert row(md, "extra")[1:3] == ["done", "1.5"]
     assert "): not evaluated**" in md
+
+
+def test_reused_fit_time_counts_in_the_stage_row(tmp_path):
+    results = {"teacher": {"validate": {}, "seconds": 33.0, "reused_fit_seconds": 2050.0}}
+    md = write_report(tmp_path, results, None, tmp_path / "no_teacher").read_text()
+    assert row(md, "teacher")[1:3] == ["done (earlier fit reused)", "2083.0"]

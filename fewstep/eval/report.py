@@ -286,7 +286,11 @@ def stage_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         figure = _key_figure(name, stage, results)
         seconds = _num(stage.get("seconds"))
-        rows.append({"stage": name, "status": "done", "seconds": seconds, "key_figure": figure})
+        reused = _num(stage.get("reused_fit_seconds"))
+        status = "done" if reused is None else "done (earlier fit reused)"
+        if reused is not None and seconds is not None:
+            seconds += reused  # the stage's cost: the earlier fit plus this run's validation
+        rows.append({"stage": name, "status": status, "seconds": seconds, "key_figure": figure})
     return rows
 
 

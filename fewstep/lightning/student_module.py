@@ -157,6 +157,7 @@ class StudentModule(pl.LightningModule):
         self._frozen: dict[str, VAE] = {}  # unregistered: never saved, optimised or EMA'd
         self._null_text: NullText | None = None
         self._val_scored = 0
+        self._trained_steps = 0  # global_step of the loaded checkpoint (eval table title)
         self._grid: dict[str, list[np.ndarray]] = {}
         self._captions: list[str] = []
 
@@ -395,6 +396,7 @@ class StudentModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for name, value in self.teacher.state_dict().items():
             state.setdefault(TEACHER_PREFIX + name, value)
+        self._trained_steps = int(checkpoint.get("global_step", 0))  # `validate` starts at 0
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -548,7 +550,7 @@ class StudentModule(pl.LightningModule):
             return format(row[key], spec) if key in row else "–"
 
         lines = [
-            f"# Student vs teacher (step {self.global_step})",
+            f"# Student vs teacher (step {max(self.global_step, self._trained_steps)})",
             "",
             f"Teacher: `{self.teacher_identity['ckpt']}` (sha256 "
             f"{self.teacher_identity['sha256'][:12]}), CFG scale {self.guidance_scale:g}; "

@@ -210,8 +210,8 @@ class DiT(nn.Module):
         caption_init_std: float = 0.02,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
-        sized for T5-XXL's 4096-wide features; small encoders such as MiniLM need more, or the
-        text path starts near zero and the model learns to ignore the prompt)."""
+        sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
+        then starts near zero, which a larger value may help)."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
