@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -19,14 +18,7 @@ from torch import Tensor
 from fewstep.eval.geneval import tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
 from fewstep.lightning.sampling import call_wrapped, fixed_noise
-
-
-def pad_rows(rows: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Stack text rows [L_i, D] and masks [L_i] into [B, L, D] zero-padded and [B, L]."""
-    length = max(r.shape[0] for r in rows)
-    text = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])  # [B, L, D]
-    mask = torch.stack([F.pad(m.bool(), (0, length - m.shape[0])) for m in masks])  # [B, L]
-    return text, mask
+from fewstep.models.text_encoder import pad_rows
 
 
 class CFGEvalCallback(pl.Callback):

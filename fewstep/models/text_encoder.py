@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
@@ -125,14 +126,12 @@ def _check_captions(captions: Any) -> None:
         raise TypeError(f"TextEncoder captions must be strings, got {type(bad[0]).__name__}")
 
 
-def _pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Valid-token rows [l_i, D] -> (zero-padded [B, max l, D], mask [B, max l] bool)."""
-    longest = max(r.shape[0] for r in rows)
-    hidden = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
-    mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=rows[0].device)
-    for i, r in enumerate(rows):
-        hidden[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
-    return hidden, mask
+def pad_rows(rows: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack text rows [L_i, D] and masks [L_i] into [B, L, D] zero-padded and [B, L]."""
+    length = max(r.shape[0] for r in rows)
+    text = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])  # [B, L, D]
+    mask = torch.stack([F.pad(m.bool(), (0, length - m.shape[0])) for m in masks])  # [B, L]
+    return text, mask
 
 
 class TextEncoder(nn.Module):
@@ -209,7 +208,7 @@ class TextEncoder(nn.Module):
             self._memo.move_to_end(caption)
         while len(self._memo) > max(self.memo_size, len(set(captions))):
             self._memo.popitem(last=False)
-        return _pad(rows)
+        return pad_rows(rows, [r.new_ones(r.shape[0], dtype=torch.bool) for r in rows])
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Run the encoder: (embeddings [B, L, D] with padding zeroed, mask [B, L] bool)."""
