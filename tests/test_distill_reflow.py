@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ from student_fixtures import (
     TinyTeacher,
     build_tiny_teacher,
     cpu_student_config,
+    quiet_trainer,
     teacher_yaml,
     train_tiny_teacher,
 )
@@ -488,17 +488,7 @@ def test_ddpm_eps_teacher_distils_end_to_end(tiny, tmp_path, monkeypatch):
         val_num_samples=2,
     )
     data = CouplingDataModule(str(out), batch_size=4, val_fraction=0.25, drop_last=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        limit_val_batches=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(1, tmp_path, limit_val_batches=1)
     trainer.fit(module, data)
     assert all(torch.isfinite(v) for v in trainer.callback_metrics.values())
     metrics = trainer.validate(module, data, verbose=False)[0]
