@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fewstep.lightning.ema import EMA
+from fewstep.lightning.ema import EMA, warmup_decay
 
 
 class Tiny(pl.LightningModule):
@@ -76,7 +76,7 @@ class Recorder(pl.Callback):
 def test_average_matches_hand_computation_and_skips_frozen():
     module = Tiny()
     initial, frozen = snapshot(module.net), snapshot(module.frozen)
-    ema = EMA(decay=0.75, update_every=2)
+    ema = EMA(decay=0.75, update_every=2, warmup=False)
     recorder = Recorder(ema)
     trainer(5, [ema, recorder]).fit(module, data())
     assert ema.names == ["0.weight", "2.weight", "2.bias"]  # net[0].bias is frozen
@@ -89,6 +89,22 @@ def test_average_matches_hand_computation_and_skips_frozen():
     assert ema.num_updates == 2
     assert torch.equal(module.net[0].bias, initial["0.bias"])
     assert all(torch.equal(p, frozen[n]) for n, p in module.frozen.named_parameters())
+
+
+def test_warmup_ramps_the_decay_from_the_first_update():
+    module = Tiny()
+    initial = snapshot(module.net)
+    ema = EMA(decay=0.999)
+    recorder = Recorder(ema)
+    trainer(3, [ema, recorder]).fit(module, data())
+    expected = {n: initial[n].clone() for n in ema.names}
+    for step, decay in enumerate((1 / 10, 2 / 11, 3 / 12)):  # (1 + n) / (10 + n) < 0.999
+        for n in ema.names:
+            expected[n] = decay * expected[n] + (1 - decay) * recorder.params[step][n]
+    for n, value in zip(ema.names, ema.shadow, strict=True):
+        torch.testing.assert_close(value, expected[n])
+    assert warmup_decay(0.999, 10**6) == 0.999
+    assert EMA(decay=0.9, warmup=False).current_decay() == 0.9
 
 
 def test_validation_uses_average_and_restores_training_weights():
