@@ -28,6 +28,30 @@ def yamls(stage: str) -> list[Path]:
     return sorted((CONFIGS / stage).rglob("*.yaml"))
 
 
+def is_overlay(path: Path) -> bool:
+    """An overlay (e.g. ``shapes_long.yaml``) names no model class: it is layered with ``-c`` on
+    the folder's ``shapes.yaml``."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    return "model" in raw and "class_path" not in raw["model"]
+
+
+def config_args(path: Path) -> list[str]:
+    """``-c`` arguments for ``path``, preceded by its base config when it is an overlay."""
+    chain = [path.parent / "shapes.yaml", path] if is_overlay(path) else [path]
+    return [arg for p in chain for arg in ("-c", str(p))]
+
+
+def test_teacher_overlay_resolves_to_the_long_recipe(capsys):
+    overlay = CONFIGS / "teacher/shapes_long.yaml"
+    assert is_overlay(overlay) and not is_overlay(CONFIGS / "teacher/shapes.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", *config_args(overlay), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["network"]["init_args"]["hidden_size"] == 192
+    assert model["network"]["init_args"]["depth"] == 6
+    assert model["optimizer"]["init_args"]["lr"] == 0.0005
+
+
 def test_every_config_folder_has_a_runner():
     stages = {p.relative_to(CONFIGS).parts[0] for p in CONFIGS.rglob("*.yaml")}
     assert stages <= RUNNERS, stages - RUNNERS
@@ -62,8 +86,7 @@ def test_vae_configs(path, tmp_path):
     main(
         [
             "fit",
-            "-c",
-            str(path),
+            *config_args(path),
             "--trainer.fast_dev_run=true",
             "--trainer.default_root_dir",
             str(tmp_path),
@@ -127,9 +150,12 @@ def cpu_sized(path: Path, tmp_path: Path) -> Path:
 
 def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list[str]:
     """CLI arguments running a teacher YAML on CPU with the tiny cache and VAE, cheaply."""
+    base = cpu_sized(path.parent / "shapes.yaml" if is_overlay(path) else path, tmp_path)
+    overlay = ["-c", str(path)] if is_overlay(path) else []
     return [
         "-c",
-        str(cpu_sized(path, tmp_path)),
+        str(base),
+        *overlay,
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
         "--trainer.default_root_dir",
