@@ -207,3 +207,16 @@ def cpu_student_config(
     copy = out_dir / Path(path).name
     copy.write_text(yaml.safe_dump(config))
     return copy
+
+
+def is_overlay(path: Path) -> bool:
+    """An overlay (e.g. ``shapes_long.yaml``) names no model class: it is layered with ``-c`` on
+    the folder's ``shapes.yaml``."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    return "model" in raw and "class_path" not in raw["model"]
+
+
+def config_args(path: Path) -> list[str]:
+    """``-c`` arguments for ``path``, preceded by its base config when it is an overlay."""
+    chain = [path.parent / "shapes.yaml", path] if is_overlay(path) else [path]
+    return [arg for p in chain for arg in ("-c", str(p))]

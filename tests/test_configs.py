@@ -11,7 +11,9 @@ from student_fixtures import (
     build_tiny_cache,
     build_tiny_teacher,
     build_tiny_vae,
+    config_args,
     cpu_student_config,
+    is_overlay,
 )
 
 from fewstep.cli import main
@@ -26,19 +28,6 @@ RUNNERS = {"shapes", "vae", "cache", "model", "teacher", "student"}
 
 def yamls(stage: str) -> list[Path]:
     return sorted((CONFIGS / stage).rglob("*.yaml"))
-
-
-def is_overlay(path: Path) -> bool:
-    """An overlay (e.g. ``shapes_long.yaml``) names no model class: it is layered with ``-c`` on
-    the folder's ``shapes.yaml``."""
-    raw = yaml.safe_load(path.read_text()) or {}
-    return "model" in raw and "class_path" not in raw["model"]
-
-
-def config_args(path: Path) -> list[str]:
-    """``-c`` arguments for ``path``, preceded by its base config when it is an overlay."""
-    chain = [path.parent / "shapes.yaml", path] if is_overlay(path) else [path]
-    return [arg for p in chain for arg in ("-c", str(p))]
 
 
 def test_teacher_overlay_resolves_to_the_long_recipe(capsys):

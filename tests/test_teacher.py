@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from student_fixtures import quiet_trainer
+from student_fixtures import config_args, quiet_trainer
 from torch.utils.data import DataLoader
 
 from fewstep.cli import main
@@ -214,6 +214,6 @@ CONFIGS = sorted((ROOT / "configs/teacher").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_teacher_configs_parse(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(path), "--print_config"])
+        main(["fit", *config_args(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "TeacherModule" in capsys.readouterr().out
