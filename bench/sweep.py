@@ -4,11 +4,13 @@ their logged validation curves into one JSON file.
     python bench/sweep.py bench/plans/demo_recipes.yaml --jobs 10 --out runs/sweep/results.json
 
 A plan YAML has ``vars`` (defaults, overridable with ``--var name=value``) and ``jobs``: each job
-has a ``name``, a ``command`` (fit, cache or couplings), a ``base`` config, ``patches`` (dotted
-keys into the config -> values; integer keys index lists) and ``after`` (names it waits for).
+has a ``name``, a ``command`` (fit, cache or couplings), a ``base`` config (or a list of configs
+layered in order, as ``-c a -c b``: e.g. a recipe plus its ``_long`` overlay, so a plan keeps
+the recipe it ran on when the default configs move), ``patches`` (dotted keys into the config ->
+values; integer keys index lists) and ``after`` (names it waits for).
 String values may use ``{name}`` (the job's name) and ``{var}`` placeholders. Quality per step
 does not depend on the device, so a GPU runs the sweep quickly and the CPU cost of each variant
-comes from its steps (see bench/README or the plan's comments).
+comes from its steps (the README's "Recipe search on a GPU" or the plan's comments).
 """
 
 from __future__ import annotations
@@ -55,9 +57,25 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
         node[last] = value
 
 
+def merge(base: Any, overlay: Any) -> Any:
+    """``overlay`` layered on ``base``: mappings merge key by key, anything else is replaced (as
+    a second ``-c`` config does for overlays that keep their class paths)."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        return {**base, **{k: merge(base.get(k), v) for k, v in overlay.items()}}
+    return overlay
+
+
+def base_config(base: str | list[str]) -> dict[str, Any]:
+    """The job's base: one YAML, or several layered in order."""
+    config: dict[str, Any] = {}
+    for path in [base] if isinstance(base, str) else base:
+        config = merge(config, yaml.safe_load((ROOT / path).read_text()) or {})
+    return config
+
+
 def job_config(job: dict[str, Any], names: dict[str, str]) -> Path:
     """Write the job's patched config to runs/sweep/<name>/config.yaml and return its path."""
-    config = yaml.safe_load((ROOT / job["base"]).read_text())
+    config = base_config(job["base"])
     for key, value in (job.get("patches") or {}).items():
         set_dotted(config, key, substitute(value, names))
     folder = RUN_ROOT / job["name"]

@@ -52,6 +52,19 @@ def test_job_config_writes_patched_yaml(sweep, tmp_path, monkeypatch) -> None:
     assert config["model"]["class_path"].endswith("TeacherModule")  # the rest is the base
 
 
+def test_layered_base_reproduces_the_long_recipe(sweep, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sweep, "RUN_ROOT", tmp_path)
+    layered = ["configs/teacher/shapes.yaml", "configs/teacher/shapes_long.yaml"]
+    job = {"name": "t1", "base": layered, "patches": {"trainer.val_check_interval": 50}}
+    config = yaml.safe_load(sweep.job_config(job, {"name": "t1"}).read_text())
+    network = config["model"]["init_args"]["network"]
+    assert network["class_path"].endswith("DiT") and network["init_args"]["in_channels"] == 8
+    assert network["init_args"]["hidden_size"] == 192 and network["init_args"]["depth"] == 6
+    assert config["trainer"]["max_steps"] == 3000 and config["trainer"]["val_check_interval"] == 50
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.0005
+    assert sweep.merge({"a": {"b": 1, "c": [1]}}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}}
+
+
 def test_schedule_runs_dependents_after_success_and_skips_after_failure(
     sweep, tmp_path, monkeypatch
 ) -> None:
