@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint demo bench bench-teacher clean
+.PHONY: install test lint demo demo-gpu bench bench-teacher clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ lint: install
 
 demo: install
 	$(PY) -m fewstep.demo
+
+demo-gpu: install  # the GPU-sized recipe (128 px, 30M-param teacher) into runs/shapes128
+	FEWSTEP_DEMO_PROFILE=gpu $(PY) -m fewstep.demo
 
 bench: install
 	$(PY) bench/bench_datamodule.py

@@ -1,7 +1,9 @@
 """`make demo`: the pipeline on the shapes world, each stage reused when already finished.
 
-Stages write under ``runs/demo/``; a rerun skips finished stages and resumes an interrupted
-training stage from its ``last.ckpt``. ``FEWSTEP_DEMO_STAGES=shapes,vae`` runs a subset.
+Stages write under the profile's run folder (``runs/demo/`` for the 2-core CPU demo,
+``runs/shapes128/`` for ``FEWSTEP_DEMO_PROFILE=gpu``, the GPU-sized recipe); a rerun skips
+finished stages and resumes an interrupted training stage from its ``last.ckpt``.
+``FEWSTEP_DEMO_STAGES=shapes,vae`` runs a subset.
 """
 
 from __future__ import annotations
@@ -10,16 +12,45 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RUN_DIR = Path("runs/demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-VAE_DIR = RUN_DIR / "vae"
-CACHE_DIR = RUN_DIR / "cache"
-RESULTS = RUN_DIR / "results.json"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A demo profile: its run folder, image size and configs (``<name><suffix>.yaml``)."""
+
+    run_dir: Path
+    resolution: int
+    suffix: str = ""
+
+    def config(self, name: str) -> Path:
+        """``configs/<name><suffix>.yaml``, e.g. ``configs/vae/shapes_gpu.yaml`` for gpu."""
+        return CONFIGS / f"{name}{self.suffix}.yaml"
+
+    @property
+    def results(self) -> Path:
+        """The figures of finished stages."""
+        return self.run_dir / "results.json"
+
+
+PROFILES = {  # FEWSTEP_DEMO_PROFILE picks one (default: cpu, the 15-minute demo)
+    "cpu": Profile(Path("runs/demo"), resolution=64),
+    "gpu": Profile(Path("runs/shapes128"), resolution=128, suffix="_gpu"),
+}
+
+
+def active_profile() -> Profile:
+    """The profile named by ``FEWSTEP_DEMO_PROFILE`` (default ``cpu``)."""
+    name = os.environ.get("FEWSTEP_DEMO_PROFILE", "cpu")
+    if name not in PROFILES:
+        raise SystemExit(f"FEWSTEP_DEMO_PROFILE={name!r}: choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
 
 
 def _cli(args: list[str]) -> Any:
@@ -61,35 +92,41 @@ def _validate_metrics(config: Path, log_dir: Path) -> dict[str, float]:
 
 def _load_results() -> dict[str, Any]:
     """Figures of finished stages (so a rerun reports them without recomputing)."""
-    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    path = active_profile().results
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _save_results(results: dict[str, Any]) -> None:
     """Write ``results.json`` atomically."""
-    tmp = RESULTS.with_suffix(".tmp")
+    path = active_profile().results
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(RESULTS)
+    tmp.replace(path)
 
 
 def stage_shapes() -> dict[str, Any]:
     """Render a captioned grid of the shapes world and score ground-truth renders."""
     from fewstep.tools.shapes_preview import preview
 
-    return preview(out=str(RUN_DIR / "shapes"), resolution=64)
+    profile = active_profile()
+    return preview(out=str(profile.run_dir / "shapes"), resolution=profile.resolution)
 
 
 def stage_vae() -> dict[str, Any]:
-    """Train the VAE (configs/vae/shapes.yaml; exports runs/demo/vae) and measure its semantic
+    """Train the VAE (configs/vae/shapes.yaml; exports <run>/vae) and measure its semantic
     fidelity: scorer accuracy on reconstructions of held-out renders (issue bar >= 95%)."""
     from fewstep.data.shapes import ShapesWorld
     from fewstep.eval.reconstruction import reconstruction_geneval
     from fewstep.models.vae import VAE
 
-    if not (VAE_DIR / "config.json").is_file():
-        config = CONFIGS / "vae/shapes.yaml"
-        _cli(["fit", "-c", str(config), *_last_checkpoint(RUN_DIR / "vae_training")])
-    vae = VAE.from_pretrained(VAE_DIR).eval()
-    held_out = ShapesWorld(size=600, resolution=64, seed=123)
+    profile = active_profile()
+    vae_dir = profile.run_dir / "vae"
+    if not (vae_dir / "config.json").is_file():
+        config = profile.config("vae/shapes")
+        _cli(["fit", "-c", str(config), *_last_checkpoint(profile.run_dir / "vae_training")])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = VAE.from_pretrained(vae_dir).eval().to(device)
+    held_out = ShapesWorld(size=600, resolution=profile.resolution, seed=123)
     return {"reconstruction_geneval": reconstruction_geneval(vae, held_out, num_samples=600)}
 
 
@@ -97,23 +134,26 @@ def stage_cache() -> dict[str, Any]:
     """Encode the shapes world with the demo VAE and the MiniLM text encoder (resumable)."""
     from fewstep.data.cache import read_manifest
 
-    _cli(["cache", "-c", str(CONFIGS / "cache/shapes.yaml")])
-    manifest = read_manifest(CACHE_DIR)
+    profile = active_profile()
+    _cli(["cache", "-c", str(profile.config("cache/shapes"))])
+    manifest = read_manifest(profile.run_dir / "cache")
     return {"samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 
 
 def stage_teacher() -> dict[str, Any]:
-    """Train the CPU teacher (configs/teacher/shapes.yaml), then validate it with the scorer."""
-    config, log_dir = CONFIGS / "teacher/shapes.yaml", RUN_DIR / "teacher"
+    """Train the teacher (configs/teacher/shapes.yaml), then validate it with the scorer."""
+    profile = active_profile()
+    config, log_dir = profile.config("teacher/shapes"), profile.run_dir / "teacher"
     reused = _fit_once(config, log_dir)
     return {"validate": _validate_metrics(config, log_dir), **reused}
 
 
 STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: ladd, the best)
-    "lcm": ("student/lcm_shapes.yaml", "student_lcm"),
-    "reflow": ("student/reflow_shapes.yaml", "student_reflow"),
-    "ladd": ("student/ladd_shapes.yaml", "student_ladd"),
+    "lcm": ("student/lcm_shapes", "student_lcm"),
+    "reflow": ("student/reflow_shapes", "student_reflow"),
+    "ladd": ("student/ladd_shapes", "student_ladd"),
 }
+COUPLINGS = "student/reflow_couplings_shapes"  # the reflow student's teacher couplings
 
 
 def stage_student() -> dict[str, Any]:
@@ -122,22 +162,24 @@ def stage_student() -> dict[str, Any]:
     name = os.environ.get("FEWSTEP_DEMO_STUDENT", "ladd")
     if name not in STUDENTS:
         raise SystemExit(f"FEWSTEP_DEMO_STUDENT={name!r}: choose one of {sorted(STUDENTS)}")
-    relative, log_name = STUDENTS[name]
-    config, log_dir = CONFIGS / relative, RUN_DIR / log_name
+    profile = active_profile()
+    config_name, log_name = STUDENTS[name]
+    config, log_dir = profile.config(config_name), profile.run_dir / log_name
     if name == "reflow":
-        _cli(["couplings", "-c", str(CONFIGS / "student/reflow_couplings_shapes.yaml")])
+        _cli(["couplings", "-c", str(profile.config(COUPLINGS))])
     reused = _fit_once(config, log_dir)
     metrics = _validate_metrics(config, log_dir)
     return {"method": name, "log_dir": str(log_dir), "validate": metrics, **reused}
 
 
 def stage_report() -> dict[str, Any]:
-    """Write runs/demo/report.md: tables, teacher-vs-student grids, score-vs-NFE plot."""
+    """Write <run>/report.md: tables, teacher-vs-student grids, score-vs-NFE plot."""
     from fewstep.eval.report import write_report
 
+    run_dir = active_profile().run_dir
     results = _load_results()
     student = results.get("student", {}).get("log_dir")
-    path = write_report(RUN_DIR, results, Path(student) if student else None, RUN_DIR / "teacher")
+    path = write_report(run_dir, results, Path(student) if student else None, run_dir / "teacher")
     return {"report": str(path)}
 
 
@@ -154,7 +196,8 @@ STAGES: dict[str, Callable[[], dict[str, Any]]] = {
 def main() -> None:
     """Run the stages in order, printing what each did and wrote."""
     torch.set_float32_matmul_precision("high")
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    profile = active_profile()
+    profile.run_dir.mkdir(parents=True, exist_ok=True)
     chosen = os.environ.get("FEWSTEP_DEMO_STAGES", ",".join(STAGES)).split(",")
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
@@ -170,7 +213,7 @@ def main() -> None:
         results[name] = {**STAGES[name](), "seconds": round(time.time() - t0, 1)}
         _save_results(results)
         print(json.dumps(results[name], indent=2), flush=True)
-    print(f"\ndemo finished in {time.time() - start:.0f} s; figures in {RESULTS}")
+    print(f"\ndemo finished in {time.time() - start:.0f} s; figures in {profile.results}")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fewstep import demo
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "RUN_DIR", tmp_path / "demo")
-    monkeypatch.setattr(demo, "RESULTS", tmp_path / "demo" / "results.json")
+    profile = dataclasses.replace(demo.PROFILES["cpu"], run_dir=tmp_path / "demo")
+    monkeypatch.setitem(demo.PROFILES, "cpu", profile)
+    monkeypatch.delenv("FEWSTEP_DEMO_PROFILE", raising=False)
     return tmp_path / "demo"
 
 
@@ -61,3 +65,61 @@ def test_fit_runs_once_records_its_time_and_is_reused(tmp_path, monkeypatch):
     assert len(calls) == 1
     (tmp_path / "FINISHED").write_text("fit finished\n")  # written by an older fewstep
     assert demo._fit_once(tmp_path / "c.yaml", tmp_path) == {"reused_fit_seconds": 0.0}
+
+
+def test_unknown_profile_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("FEWSTEP_DEMO_PROFILE", "tpu")
+    with pytest.raises(SystemExit, match="FEWSTEP_DEMO_PROFILE='tpu'.*cpu.*gpu"):
+        demo.main()
+
+
+def test_gpu_profile_runs_the_gpu_configs_into_its_own_folder(monkeypatch):
+    monkeypatch.setenv("FEWSTEP_DEMO_PROFILE", "gpu")
+    profile = demo.active_profile()
+    assert profile.run_dir == Path("runs/shapes128") and profile.resolution == 128
+    assert profile.config("teacher/shapes") == demo.CONFIGS / "teacher/shapes_gpu.yaml"
+
+
+def _init_args(config: dict, section: str) -> dict:
+    return config[section].get("init_args", config[section])
+
+
+def _profile_configs(profile: demo.Profile) -> dict[str, dict]:
+    names = ["vae/shapes", "cache/shapes", "teacher/shapes", demo.COUPLINGS]
+    names += [name for name, _ in demo.STUDENTS.values()]
+    return {name: yaml.safe_load(profile.config(name).read_text()) for name in names}
+
+
+@pytest.mark.parametrize("name", sorted(demo.PROFILES))
+def test_each_profile_chains_its_stages_through_its_run_folder(name):
+    """Each stage reads what the one before wrote, all under the profile's run folder."""
+    profile = demo.PROFILES[name]
+    run = str(profile.run_dir)
+    configs = _profile_configs(profile)
+    vae, cache, teacher = configs["vae/shapes"], configs["cache/shapes"], configs["teacher/shapes"]
+    assert _init_args(vae, "model")["export_dir"] == f"{run}/vae"
+    assert vae["data"]["init_args"]["train"]["init_args"]["resolution"] == profile.resolution
+    assert cache["dataset"]["init_args"]["resolution"] == profile.resolution
+    assert cache["vae"]["init_args"]["pretrained_path"] == f"{run}/vae"
+    assert cache["out"] == f"{run}/cache"
+    teacher_args = _init_args(teacher, "model")
+    assert teacher_args["vae_path"] == f"{run}/vae"
+    assert _init_args(teacher, "data")["path"] == f"{run}/cache"
+    assert teacher["trainer"]["logger"]["init_args"]["save_dir"] == run
+    assert teacher["trainer"]["logger"]["init_args"]["name"] == "teacher"
+    teacher_ckpt = f"{run}/teacher/checkpoints/last.ckpt"
+    couplings = configs[demo.COUPLINGS]
+    assert couplings["teacher_config"] == str(
+        profile.config("teacher/shapes").relative_to(demo.CONFIGS.parent)
+    )
+    assert couplings["teacher_ckpt"] == teacher_ckpt and couplings["cache"] == f"{run}/cache"
+    for method, (config_name, log_name) in demo.STUDENTS.items():
+        student = configs[config_name]
+        args = _init_args(student, "model")
+        assert args["teacher_config"] == couplings["teacher_config"], method
+        assert args["teacher_ckpt"] == teacher_ckpt and args["vae_path"] == f"{run}/vae", method
+        data = f"{run}/couplings" if method == "reflow" else f"{run}/cache"
+        assert _init_args(student, "data")["path"] == data, method
+        logger = student["trainer"]["logger"]["init_args"]
+        assert (logger["save_dir"], logger["name"]) == (run, log_name), method
+    assert couplings["out"] == f"{run}/couplings"

@@ -300,12 +300,18 @@ def tiny(tmp_path_factory) -> TinyTeacher:
     return build_tiny_teacher(tmp_path_factory.mktemp("teacher"), "flow")
 
 
-def couplings_args(tiny: TinyTeacher, out: Path, *extra: str) -> list[str]:
-    """`fewstep couplings` on the demo YAML, pointed at the tiny teacher (CPU, 3 shards)."""
+COUPLINGS_YAML = "configs/student/reflow_couplings_shapes.yaml"
+
+
+def couplings_args(
+    tiny: TinyTeacher, out: Path, *extra: str, config: str = COUPLINGS_YAML
+) -> list[str]:
+    """`fewstep couplings` on a coupling YAML (default: the demo's), pointed at the tiny teacher
+    (CPU, 3 shards)."""
     return [
         "couplings",
         "-c",
-        str(ROOT / "configs/student/reflow_couplings_shapes.yaml"),
+        str(ROOT / config),
         "--teacher_config",
         str(tiny.config),
         "--teacher_ckpt",
@@ -330,6 +336,14 @@ def couplings_dir(tiny, tmp_path_factory) -> Path:
     result = main(couplings_args(tiny, out))
     assert result == {"couplings": str(out), "teacher_weights": "ema"}
     return out
+
+
+def test_gpu_couplings_config_runs_on_the_tiny_teacher(tiny, tmp_path):
+    """configs/student/reflow_couplings_shapes_gpu.yaml (the GPU recipe's couplings) runs."""
+    out = tmp_path / "couplings"
+    config = "configs/student/reflow_couplings_shapes_gpu.yaml"
+    assert main(couplings_args(tiny, out, config=config))["couplings"] == str(out)
+    assert read_manifest(out)["num_samples"] == N_COUPLINGS
 
 
 def all_couplings(path: Path) -> dict:
@@ -438,10 +452,11 @@ def test_ddpm_eps_teacher_dit_reads_as_a_flow(tiny, couplings_dir, tmp_path):
 # ----------------------------------------------------------------------------- the student config
 
 
-def test_reflow_student_config_fits_and_validates(tiny, couplings_dir, tmp_path, monkeypatch):
-    """configs/student/reflow_shapes.yaml through the CLI on the tiny couplings: 2 steps of
-    fit (checkpointed), then validate of that checkpoint with 1- and 2-step Euler."""
-    config = cpu_student_config(ROOT / "configs/student/reflow_shapes.yaml", tiny, tmp_path)
+@pytest.mark.parametrize("name", ["reflow_shapes.yaml", "reflow_shapes_gpu.yaml"])
+def test_reflow_student_config_fits_and_validates(name, tiny, couplings_dir, tmp_path):
+    """configs/student/reflow_shapes{,_gpu}.yaml through the CLI on the tiny couplings: 2 steps
+    of fit (checkpointed), then validate of that checkpoint with 1- and 2-step Euler."""
+    config = cpu_student_config(ROOT / "configs/student" / name, tiny, tmp_path)
     raw = yaml.safe_load(config.read_text())
     for callback in raw["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ModelCheckpoint"):
