@@ -6,22 +6,28 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint demo demo-gpu bench bench-teacher clean
+.PHONY: install install-dev test lint demo demo-gpu bench bench-teacher clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  # what the pipeline needs (make demo)
+
+install-dev: $(VENV)/.installed-dev  # plus the test/lint/notebook tools (make test)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: install
+test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 

@@ -33,7 +33,8 @@ from fewstep.export.schedulers import X0_TIMESTEP_SCALING, Boundary
 from fewstep.lightning.ema import EMA
 from fewstep.lightning.student_module import StudentModule
 from fewstep.models.dit_convert import state_dict_to_diffusers
-from fewstep.tools.export import apply_ema, ema_state, load_module
+from fewstep.models.text_encoder import TextEncoder, default_text_encoder_path
+from fewstep.tools.export import apply_ema, ema_state, load_module, training_text_encoder
 
 STEPS = [1, 2, 4]
 pytestmark = [
@@ -227,3 +228,48 @@ def test_export_cli_writes_the_ema_student_with_its_lcm_scheduler(ddpm_teacher, 
     ]
     assert record["teacher"]["sha256"] == module.teacher_identity["sha256"]
     assert_close(pipeline_latents(out, 2), ours(module.eval(), 2))
+
+
+def test_exported_student_takes_prompts_through_the_encoder_of_its_cache(flow_teacher, tmp_path):
+    """The tiny cache was encoded by the packaged MiniLM, so `fewstep export` adds it: the
+    pipeline called with captions gives the student's latents from MiniLM's embeddings."""
+    yaml_path = CONFIGS / "student/ladd_shapes.yaml"
+    config = cpu_student_config(yaml_path, flow_teacher, tmp_path, eval_steps=[1, 2, 4])
+    module, ckpt = fit_one_step(config, flow_teacher, tmp_path)
+    apply_ema(module, ema_state(torch.load(ckpt, weights_only=False)))
+    out = tmp_path / "exported"
+    main(["export", "-c", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["text_encoder"]["path"] == default_text_encoder_path()
+
+    captions = ["a photo of a red circle", "a photo of two blue squares left of a triangle"]
+    text, mask = TextEncoder().eval()(captions)  # as the cache builder encoded the captions
+    noise = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = module.eval().student_latents(text, mask, noise, steps=2)
+    pipe = PixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        prompt=captions,
+        latents=noise.clone(),
+        output_type="latent",
+        clean_caption=False,
+        **record["pipeline_calls"]["2"],
+    ).images
+    assert_close(latents, expected)
+
+
+def test_no_text_encoder_is_exported_for_a_cache_of_another_encoder(flow_teacher, tmp_path):
+    config = tmp_path / "student.yaml"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = json.loads((flow_teacher.cache / "manifest.json").read_text())
+    manifest["text_encoder"]["fingerprint"]["weights"] = "0" * 64  # some other encoder's weights
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    config.write_text(json.dumps({"data": {"init_args": {"path": str(cache)}}}))
+    path, why = training_text_encoder(config)
+    assert path is None and "another text encoder" in why
+    config.write_text(json.dumps({"data": {"init_args": {"path": str(tmp_path / "none")}}}))
+    assert training_text_encoder(config)[0] is None
+    config.write_text(json.dumps({"data": {"init_args": {"path": str(flow_teacher.cache)}}}))
+    assert training_text_encoder(config)[0] == default_text_encoder_path()

@@ -121,6 +121,34 @@ def load_trained(
     return module, ckpt, "raw" if state is None else "ema"
 
 
+def _training_cache(config: str | Path) -> Path | None:
+    """The latent cache a fit YAML trains on (``data.init_args.path``), or None."""
+    raw = yaml.safe_load(Path(config).expanduser().read_text()) or {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    path = (data.get("init_args") or {}).get("path")
+    return Path(path) if isinstance(path, str) else None
+
+
+def training_text_encoder(config: str | Path) -> tuple[str | None, str]:
+    """(folder, why) of the text encoder whose embeddings the fit YAML's cache holds, when that is
+    the packaged default (MiniLM): its weights hash equals the cache manifest's. Otherwise
+    (None, why): the export then takes ``prompt_embeds`` unless --text_encoder_path is given."""
+    from fewstep.data.cache import read_manifest
+    from fewstep.models.text_encoder import TextEncoder, default_text_encoder_path
+
+    cache = _training_cache(config)
+    if cache is None or not (cache / "manifest.json").is_file():
+        return None, f"no finished latent cache at data.init_args.path of '{config}'"
+    recorded = read_manifest(cache).get("text_encoder", {}).get("fingerprint", {})
+    try:
+        default = default_text_encoder_path()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        return None, str(err)
+    if TextEncoder(default).fingerprint()["weights"] != recorded.get("weights"):
+        return None, f"the cache {cache} was encoded with another text encoder than the default"
+    return default, f"the default text encoder, whose weights encoded the cache {cache}"
+
+
 def export(
     config: str,
     ckpt_path: str,
@@ -132,10 +160,14 @@ def export(
 ) -> dict[str, str]:
     """Export a teacher or a distilled student (fit YAML ``config`` + ``ckpt_path``) as a
     PixArtSigmaPipeline folder at ``out``; ``ema`` uses the checkpoint's EMA average,
-    ``text_encoder_path`` adds T5 + tokenizer (a pipeline folder or a model folder), ``vae_path``
-    overrides the config's VAE. A student gets the scheduler of its few-step sampler."""
+    ``text_encoder_path`` adds T5 + tokenizer (a pipeline folder or a model folder; default: the
+    packaged MiniLM when it encoded the config's cache, see ``training_text_encoder``),
+    ``vae_path`` overrides the config's VAE. A student gets the scheduler of its sampler."""
     check_out_dir(out, overwrite)  # fail before the slow part
     module, ckpt, weights = load_trained(config, ckpt_path, ema)
+    why = "--text_encoder_path"
+    if text_encoder_path is None:
+        text_encoder_path, why = training_text_encoder(config)
     vae = vae_path or getattr(module, "vae_path", None)
     if vae is None:
         raise ValueError(
@@ -145,6 +177,7 @@ def export(
     metadata = {
         "source": {"config": str(config), "ckpt_path": str(ckpt_path), "weights": weights},
         "global_step": ckpt.get("global_step"),
+        "text_encoder": {"path": text_encoder_path, "why": why},
     }
     if is_student(module):
         folder = _export_student(module, vae, out, text_encoder_path, overwrite, metadata)
