@@ -123,3 +123,20 @@ def test_each_profile_chains_its_stages_through_its_run_folder(name):
         logger = student["trainer"]["logger"]["init_args"]
         assert (logger["save_dir"], logger["name"]) == (run, log_name), method
     assert couplings["out"] == f"{run}/couplings"
+
+
+def test_cpu_demo_validations_score_256_held_out_prompts():
+    """The teacher and every student are scored on 256 prompts: the val split of their data
+    (the cache, or the reflow couplings) fills limit_val_batches batches exactly."""
+    profile = demo.PROFILES["cpu"]
+    configs = _profile_configs(profile)
+    samples = {
+        f"{profile.run_dir}/cache": configs["cache/shapes"]["dataset"]["init_args"]["size"],
+        f"{profile.run_dir}/couplings": configs[demo.COUPLINGS]["num_samples"],
+    }
+    for name in ["teacher/shapes", *(n for n, _ in demo.STUDENTS.values())]:
+        data = _init_args(configs[name], "data")
+        held_out = round(samples[data["path"]] * data["val_fraction"])
+        assert held_out == 256, name
+        assert configs[name]["trainer"]["limit_val_batches"] * data["batch_size"] == 256, name
+        assert _init_args(configs[name], "model")["val_num_samples"] == 256, name
