@@ -1,6 +1,7 @@
 # fewstep — set-up and pipeline targets. `make demo` and `make test` each install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 # Torch wheels: on the reference CPU machine these come from local disk; override elsewhere,
 # e.g. `make install TORCH="torch torchvision"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -12,15 +13,17 @@ install: $(VENV)/.installed  # what the pipeline needs (make demo)
 
 install-dev: $(VENV)/.installed-dev  # plus the test/lint/notebook tools (make test)
 
+# Torch with pip (it honours the machine's pip config: local wheels, version caps), without
+# byte-compiling its thousands of modules up front; the rest with uv (parallel downloads).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --upgrade pip uv
+	$(PY) -m pip install -q --no-compile $(TORCH)
+	$(UV) pip install -q --python $(PY) -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev]'
+	$(UV) pip install -q --python $(PY) -e '.[dev]'
 	touch $@
 
 test: install-dev
