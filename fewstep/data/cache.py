@@ -24,7 +24,8 @@ import json
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -511,3 +512,19 @@ class LatentCache:
             "metadata": record["metadata"],
             "index": int(i),
         }
+
+
+@contextmanager
+def resumable_build(where: Callable[[], str], bar: Any) -> Iterator[None]:
+    """Close the progress ``bar`` on exit; on an error, note that finished shards are kept and
+    that rerunning the same build resumes (``where()`` names the build and where it stopped)."""
+    try:
+        yield
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(
+                f"{where()} stopped; finished shards are kept. Rerun the same build to resume."
+            )
+        raise
+    finally:
+        bar.close()

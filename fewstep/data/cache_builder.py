@@ -267,7 +267,8 @@ def _write_shards(
     )
     parts: list[tuple[Any, ...]] = []
     shard = todo[0] if todo else -1
-    try:
+    where = lambda: f"Cache build into {root} ({cache.shard_name(shard)})"  # noqa: E731
+    with cache.resumable_build(where, bar):
         for i, batch in enumerate(loader):
             shard = owner[i]
             parts.append(encode_batch(batch, vae, text_encoder, config["dtype"]))
@@ -283,12 +284,3 @@ def _write_shards(
                     [r for rs in records for r in rs],
                 )
                 parts = []
-    except Exception as e:
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(
-                f"Cache build into {root} stopped in {cache.shard_name(shard)}; finished "
-                "shards are kept. Rerun the same build to resume."
-            )
-        raise
-    finally:
-        bar.close()

@@ -121,7 +121,7 @@ def build_couplings(
     todo = [k for k, size in enumerate(sizes) if not cache.finished_shard(root, k, size)]
     done = n - sum(sizes[k] for k in todo)
     bar = tqdm(total=n, initial=done, unit="sample", desc="teacher couplings", disable=not progress)
-    try:
+    with cache.resumable_build(lambda: f"Couplings build into {root}", bar):
         for k in todo:
             parts = []
             for indices in _shard_batches(k * shard_size, min((k + 1) * shard_size, n), batch_size):
@@ -137,15 +137,6 @@ def build_couplings(
                 [r for rs in records for r in rs],
                 extra={NOISE: np.concatenate(noise)},
             )
-    except Exception as e:
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(
-                f"Couplings build into {root} stopped; finished shards are kept. Rerun "
-                "the same command to resume."
-            )
-        raise
-    finally:
-        bar.close()
     cache.merge_manifest(root)
     cache.clean_tmp_shards(root)
     return root
