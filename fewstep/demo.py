@@ -1,9 +1,9 @@
 """`make demo`: the pipeline on the shapes world, each stage reused when already finished.
 
 Stages write under the profile's run folder (``runs/demo/`` for the 2-core CPU demo,
-``runs/shapes128/`` for ``FEWSTEP_DEMO_PROFILE=gpu``, the GPU-sized recipe); a rerun skips
-finished stages and resumes an interrupted training stage from its ``last.ckpt``.
-``FEWSTEP_DEMO_STAGES=shapes,vae`` runs a subset.
+``runs/shapes128/`` for ``FEWSTEP_DEMO_PROFILE=gpu``, the GPU-sized recipe); a rerun reuses
+finished stages (their recorded figures) and resumes an interrupted training stage from its
+``last.ckpt``. ``FEWSTEP_DEMO_STAGES=shapes,vae`` runs (again) just those stages.
 """
 
 from __future__ import annotations
@@ -156,12 +156,18 @@ STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: lad
 COUPLINGS = "student/reflow_couplings_shapes"  # the reflow student's teacher couplings
 
 
-def stage_student() -> dict[str, Any]:
-    """Distill the teacher into a 1-4 step student, then evaluate it side by side with the
-    teacher (same prompts and noise): scores, fidelity to the teacher, NFE, ms per image."""
+def student_method() -> str:
+    """The distillation method named by ``FEWSTEP_DEMO_STUDENT`` (default ``ladd``)."""
     name = os.environ.get("FEWSTEP_DEMO_STUDENT", "ladd")
     if name not in STUDENTS:
         raise SystemExit(f"FEWSTEP_DEMO_STUDENT={name!r}: choose one of {sorted(STUDENTS)}")
+    return name
+
+
+def stage_student() -> dict[str, Any]:
+    """Distill the teacher into a 1-4 step student, then evaluate it side by side with the
+    teacher (same prompts and noise): scores, fidelity to the teacher, NFE, ms per image."""
+    name = student_method()
     profile = active_profile()
     config_name, log_name = STUDENTS[name]
     config, log_dir = profile.config(config_name), profile.run_dir / log_name
@@ -193,6 +199,27 @@ STAGES: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+def stage_output(name: str) -> Path | None:
+    """The file whose presence shows that stage ``name`` finished (None: the stage always runs)."""
+    outputs = {
+        "shapes": "shapes/scores.json",
+        "vae": "vae/config.json",
+        "cache": "cache/manifest.json",
+        "teacher": "teacher/FINISHED",
+        "student": f"{STUDENTS[student_method()][1]}/FINISHED",
+    }
+    return active_profile().run_dir / outputs[name] if name in outputs else None
+
+
+def reusable(name: str, results: dict[str, Any]) -> bool:
+    """Whether a full run may reuse stage ``name``: its figures are recorded (for the student,
+    those of the method asked for now) and its output is still there."""
+    output = stage_output(name)
+    if name not in results or output is None or not output.is_file():
+        return False
+    return name != "student" or results[name].get("method") == student_method()
+
+
 def main() -> None:
     """Run the stages in order, printing what each did and wrote."""
     torch.set_float32_matmul_precision("high")
@@ -204,9 +231,17 @@ def main() -> None:
         raise SystemExit(
             f"FEWSTEP_DEMO_STAGES: unknown stage(s) {unknown}; choose from {list(STAGES)}"
         )
+    explicit = "FEWSTEP_DEMO_STAGES" in os.environ  # named stages always run again
     results = _load_results()
     start = time.time()
     for i, name in enumerate(chosen, 1):
+        if not explicit and reusable(name, results):
+            print(
+                f"\n=== [{i}/{len(chosen)}] {name}: finished before, figures reused "
+                f"(FEWSTEP_DEMO_STAGES={name} runs it again)",
+                flush=True,
+            )
+            continue
         summary = (STAGES[name].__doc__ or name).splitlines()[0]
         print(f"\n=== [{i}/{len(chosen)}] {name}: {summary}", flush=True)
         t0 = time.time()

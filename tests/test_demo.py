@@ -16,7 +16,8 @@ from fewstep import demo
 def run_dir(tmp_path, monkeypatch):
     profile = dataclasses.replace(demo.PROFILES["cpu"], run_dir=tmp_path / "demo")
     monkeypatch.setitem(demo.PROFILES, "cpu", profile)
-    monkeypatch.delenv("FEWSTEP_DEMO_PROFILE", raising=False)
+    for name in ("FEWSTEP_DEMO_PROFILE", "FEWSTEP_DEMO_STAGES", "FEWSTEP_DEMO_STUDENT"):
+        monkeypatch.delenv(name, raising=False)
     return tmp_path / "demo"
 
 
@@ -140,3 +141,43 @@ def test_cpu_demo_validations_score_256_held_out_prompts():
         assert held_out == 256, name
         assert configs[name]["trainer"]["limit_val_batches"] * data["batch_size"] == 256, name
         assert _init_args(configs[name], "model")["val_num_samples"] == 256, name
+
+
+def _finished_teacher(run_dir: Path) -> None:
+    (run_dir / "teacher").mkdir(parents=True)
+    (run_dir / "teacher" / "FINISHED").write_text("{}")
+    (run_dir / "results.json").write_text(json.dumps({"teacher": {"score": 0.1}}))
+
+
+def test_a_full_rerun_reuses_finished_stages(run_dir, monkeypatch, capsys):
+    _finished_teacher(run_dir)
+    calls = []
+    for name in demo.STAGES:
+        monkeypatch.setitem(demo.STAGES, name, lambda name=name: calls.append(name) or {})
+    demo.main()
+    assert "teacher" not in calls and calls == [n for n in demo.STAGES if n != "teacher"]
+    assert "teacher: finished before, figures reused" in capsys.readouterr().out
+    assert json.loads((run_dir / "results.json").read_text())["teacher"] == {"score": 0.1}
+
+
+def test_named_or_vanished_stages_run_again(run_dir, monkeypatch):
+    _finished_teacher(run_dir)
+    calls = []
+    monkeypatch.setitem(demo.STAGES, "teacher", lambda: calls.append(1) or {"score": 0.2})
+    monkeypatch.setenv("FEWSTEP_DEMO_STAGES", "teacher")
+    demo.main()  # named: runs again
+    assert calls == [1]
+    monkeypatch.delenv("FEWSTEP_DEMO_STAGES")
+    assert demo.reusable("teacher", {"teacher": {}})
+    (run_dir / "teacher" / "FINISHED").unlink()  # its output is gone: not reusable
+    assert not demo.reusable("teacher", {"teacher": {}})
+    assert not demo.reusable("report", {"report": {}})  # the report is always rewritten
+
+
+def test_a_student_of_another_method_is_not_reused(run_dir, monkeypatch):
+    (run_dir / "student_ladd").mkdir(parents=True)
+    (run_dir / "student_ladd" / "FINISHED").write_text("{}")
+    results = {"student": {"method": "ladd"}}
+    assert demo.reusable("student", results)
+    monkeypatch.setenv("FEWSTEP_DEMO_STUDENT", "lcm")
+    assert not demo.reusable("student", results)
