@@ -234,8 +234,9 @@ def main() -> None:
     explicit = "FEWSTEP_DEMO_STAGES" in os.environ  # named stages always run again
     results = _load_results()
     start = time.time()
+    ran = False  # once a stage runs, the stages after it (which read its output) run too
     for i, name in enumerate(chosen, 1):
-        if not explicit and reusable(name, results):
+        if not (explicit or ran) and reusable(name, results):
             print(
                 f"\n=== [{i}/{len(chosen)}] {name}: finished before, figures reused "
                 f"(FEWSTEP_DEMO_STAGES={name} runs it again)",
@@ -244,7 +245,7 @@ def main() -> None:
             continue
         summary = (STAGES[name].__doc__ or name).splitlines()[0]
         print(f"\n=== [{i}/{len(chosen)}] {name}: {summary}", flush=True)
-        t0 = time.time()
+        t0, ran = time.time(), True
         results[name] = {**STAGES[name](), "seconds": round(time.time() - t0, 1)}
         _save_results(results)
         print(json.dumps(results[name], indent=2), flush=True)

@@ -143,10 +143,16 @@ def test_cpu_demo_validations_score_256_held_out_prompts():
         assert _init_args(configs[name], "model")["val_num_samples"] == 256, name
 
 
+FINISHED_UP_TO_TEACHER = ["shapes/scores.json", "vae/config.json", "cache/manifest.json"]
+
+
 def _finished_teacher(run_dir: Path) -> None:
-    (run_dir / "teacher").mkdir(parents=True)
-    (run_dir / "teacher" / "FINISHED").write_text("{}")
-    (run_dir / "results.json").write_text(json.dumps({"teacher": {"score": 0.1}}))
+    """Outputs and recorded figures of shapes, vae, cache and teacher."""
+    for output in [*FINISHED_UP_TO_TEACHER, "teacher/FINISHED"]:
+        (run_dir / output).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / output).write_text("{}")
+    stages = ["shapes", "vae", "cache", "teacher"]
+    (run_dir / "results.json").write_text(json.dumps({s: {"score": 0.1} for s in stages}))
 
 
 def test_a_full_rerun_reuses_finished_stages(run_dir, monkeypatch, capsys):
@@ -155,7 +161,7 @@ def test_a_full_rerun_reuses_finished_stages(run_dir, monkeypatch, capsys):
     for name in demo.STAGES:
         monkeypatch.setitem(demo.STAGES, name, lambda name=name: calls.append(name) or {})
     demo.main()
-    assert "teacher" not in calls and calls == [n for n in demo.STAGES if n != "teacher"]
+    assert calls == ["student", "report"]
     assert "teacher: finished before, figures reused" in capsys.readouterr().out
     assert json.loads((run_dir / "results.json").read_text())["teacher"] == {"score": 0.1}
 
@@ -181,3 +187,19 @@ def test_a_student_of_another_method_is_not_reused(run_dir, monkeypatch):
     assert demo.reusable("student", results)
     monkeypatch.setenv("FEWSTEP_DEMO_STUDENT", "lcm")
     assert not demo.reusable("student", results)
+
+
+def test_stages_after_one_that_runs_run_too(run_dir, monkeypatch):
+    """A rerun teacher invalidates the student distilled from the old one."""
+    (run_dir / "student_ladd").mkdir(parents=True)
+    (run_dir / "student_ladd" / "FINISHED").write_text("{}")
+    _finished_teacher(run_dir)
+    (run_dir / "teacher" / "FINISHED").unlink()  # the teacher is trained again
+    results = json.loads((run_dir / "results.json").read_text())
+    results["student"] = {"method": "ladd"}
+    run_dir.joinpath("results.json").write_text(json.dumps(results))
+    calls = []
+    for name in demo.STAGES:
+        monkeypatch.setitem(demo.STAGES, name, lambda name=name: calls.append(name) or {})
+    demo.main()
+    assert calls == ["teacher", "student", "report"]
