@@ -18,6 +18,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from fewstep.lightning.final_checkpoint import save_final_last_checkpoints
+
 
 def _tools() -> dict[str, Callable]:
     from fewstep.tools.shapes_preview import preview
@@ -64,6 +66,11 @@ def run_tool(name: str, args: list[str]) -> object:
 
 class FewstepCLI(LightningCLI):
     """LightningCLI in subclass mode; configs are saved with each run (overwritten on resume)."""
+
+    def after_fit(self) -> None:
+        """``last.ckpt`` holds the final step (Lightning leaves it at the last step-triggered
+        save when max_steps is not a multiple of every_n_train_steps)."""
+        save_final_last_checkpoints(self.trainer)
 
 
 def main(args: list[str] | None = None) -> object:

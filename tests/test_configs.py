@@ -252,3 +252,22 @@ def test_xl2_teacher_config_parses_and_builds_exact_size(capsys):
     with torch.device("meta"):
         net = parser.instantiate(parser.parse_object({"net": network})).net
     assert 600e6 < sum(p.numel() for p in net.parameters()) < 620e6
+
+
+def test_last_checkpoint_holds_the_final_step(tmp_path, tiny_cache, tiny_vae_dir):
+    """max_steps=3 with every_n_train_steps=2: Lightning alone leaves last.ckpt at step 2."""
+    path = CONFIGS / "teacher/shapes.yaml"
+    config = yaml.safe_load(cpu_sized(path, tmp_path).read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = 2
+    copy = tmp_path / "every2.yaml"
+    copy.write_text(yaml.safe_dump(config))
+    args = teacher_args(path, tmp_path, tiny_cache, tiny_vae_dir)
+    args[args.index("-c") + 1] = str(copy)
+    main(["fit", *args, "--trainer.max_steps=3", "--trainer.limit_val_batches=0"])
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    steps = {p.name: torch.load(p, weights_only=False)["global_step"] for p in checkpoints}
+    assert steps["last.ckpt"] == 3 and 2 in steps.values()  # the step-2 save is kept
+    last = torch.load(next(p for p in checkpoints if p.name == "last.ckpt"), weights_only=False)
+    assert any("ModelCheckpoint" in key for key in last["callbacks"])  # callback states too

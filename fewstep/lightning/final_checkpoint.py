@@ -1,0 +1,40 @@
+"""``last.ckpt`` at the step training ended on, whatever ``every_n_train_steps`` is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerStatus
+
+
+def stale_last_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+    """The ``save_last`` checkpoint callbacks whose last save is behind the trainer's step:
+    Lightning saves ``last`` only with a step-triggered save, so with every_n_train_steps=500
+    and max_steps=1100 its ``last.ckpt`` holds step 1000."""
+    return [
+        callback
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint)
+        and callback.save_last
+        and callback.dirpath is not None
+        and callback._last_global_step_saved != trainer.global_step
+    ]
+
+
+def save_final_last_checkpoints(trainer: pl.Trainer) -> list[str]:
+    """After a finished fit, rewrite each stale ``last.ckpt`` at the final step (EMA and the
+    other callbacks' state included); returns the paths written."""
+    if trainer.state.status != TrainerStatus.FINISHED or trainer.global_step == 0:
+        return []
+    written = []
+    for callback in stale_last_checkpoints(trainer):
+        name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+        path = Path(callback.dirpath) / name
+        if path.is_symlink():  # save_last="link": replace the link, not the file it names
+            path.unlink()
+        trainer.save_checkpoint(path)
+        callback.last_model_path = str(path)
+        written.append(str(path))
+    return written
