@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
+	test -x $(UV) || $(PY) -m pip install -q uv  # a .venv made before uv joined the install
 	$(UV) pip install -q --python $(PY) -e '.[dev]'
 	touch $@
 
