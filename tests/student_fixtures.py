@@ -220,3 +220,15 @@ def config_args(path: Path) -> list[str]:
     """``-c`` arguments for ``path``, preceded by its base config when it is an overlay."""
     chain = [path.parent / "shapes.yaml", path] if is_overlay(path) else [path]
     return [arg for p in chain for arg in ("-c", str(p))]
+
+
+def checkpoint_every(path: Path, steps: int, **trainer: Any) -> Path:
+    """Rewrite the fit YAML at ``path`` so its ModelCheckpoint saves every ``steps`` training
+    steps (and set any other ``trainer`` keys given); returns ``path``."""
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(trainer)
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = steps
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -11,6 +11,7 @@ from student_fixtures import (
     build_tiny_cache,
     build_tiny_teacher,
     build_tiny_vae,
+    checkpoint_every,
     config_args,
     cpu_student_config,
     is_overlay,
@@ -257,14 +258,8 @@ def test_xl2_teacher_config_parses_and_builds_exact_size(capsys):
 def test_last_checkpoint_holds_the_final_step(tmp_path, tiny_cache, tiny_vae_dir):
     """max_steps=3 with every_n_train_steps=2: Lightning alone leaves last.ckpt at step 2."""
     path = CONFIGS / "teacher/shapes.yaml"
-    config = yaml.safe_load(cpu_sized(path, tmp_path).read_text())
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["every_n_train_steps"] = 2
-    copy = tmp_path / "every2.yaml"
-    copy.write_text(yaml.safe_dump(config))
     args = teacher_args(path, tmp_path, tiny_cache, tiny_vae_dir)
-    args[args.index("-c") + 1] = str(copy)
+    checkpoint_every(tmp_path / path.name, 2)  # the CPU-sized copy teacher_args points at
     main(["fit", *args, "--trainer.max_steps=3", "--trainer.limit_val_batches=0"])
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
     steps = {p.name: torch.load(p, weights_only=False)["global_step"] for p in checkpoints}

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from scipy import stats
-from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config
+from student_fixtures import (
+    TinyTeacher,
+    build_tiny_teacher,
+    checkpoint_every,
+    cpu_student_config,
+)
 from torch import nn
 
 from fewstep.cli import main
@@ -366,13 +370,7 @@ def tiny_teacher(tmp_path_factory) -> TinyTeacher:
 def cli_config(tiny: TinyTeacher, out: Path) -> Path:
     """configs/student/ladd_shapes.yaml on the tiny teacher, checkpointing every step."""
     path = cpu_student_config(CONFIG, tiny, out)
-    config = yaml.safe_load(path.read_text())
-    config["trainer"].update(val_check_interval=2, log_every_n_steps=1)
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["every_n_train_steps"] = 1
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return checkpoint_every(path, 1, val_check_interval=2, log_every_n_steps=1)
 
 
 def test_ladd_config_fits_validates_and_resumes_with_two_optimisers(tiny_teacher, tmp_path):

@@ -12,6 +12,7 @@ import yaml
 from student_fixtures import (
     TinyTeacher,
     build_tiny_teacher,
+    checkpoint_every,
     cpu_student_config,
     quiet_trainer,
     teacher_yaml,
@@ -463,11 +464,7 @@ def test_reflow_student_config_fits_and_validates(suffix, tiny, tmp_path):
     main(couplings_args(tiny, couplings_dir, config=couplings_yaml))
     name = f"reflow_shapes{suffix}.yaml"
     config = cpu_student_config(ROOT / "configs/student" / name, tiny, tmp_path)
-    raw = yaml.safe_load(config.read_text())
-    for callback in raw["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["every_n_train_steps"] = 2
-    config.write_text(yaml.safe_dump(raw))
+    checkpoint_every(config, 2)
     common = ["-c", str(config), "--data.init_args.path", str(couplings_dir)]
     main(["fit", *common, "--trainer.max_steps=2"])
     ckpt = next(tmp_path.rglob("last.ckpt"))
