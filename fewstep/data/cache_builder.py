@@ -267,7 +267,10 @@ def _write_shards(
     )
     parts: list[tuple[Any, ...]] = []
     shard = todo[0] if todo else -1
-    where = lambda: f"Cache build into {root} ({cache.shard_name(shard)})"  # noqa: E731
+
+    def where() -> str:  # read when a build stops: names the shard it stopped in
+        return f"Cache build into {root} ({cache.shard_name(shard)})"
+
     with cache.resumable_build(where, bar):
         for i, batch in enumerate(loader):
             shard = owner[i]
