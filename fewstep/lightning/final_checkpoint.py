@@ -30,8 +30,8 @@ def save_final_last_checkpoints(trainer: pl.Trainer) -> list[str]:
         return []
     written = []
     for callback in stale_last_checkpoints(trainer):
-        name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
-        path = Path(callback.dirpath) / name
+        metrics = callback._monitor_candidates(trainer)  # epoch/step for templated names
+        path = Path(callback.format_checkpoint_name(metrics, callback.CHECKPOINT_NAME_LAST))
         if path.is_symlink():  # save_last="link": replace the link, not the file it names
             path.unlink()
         trainer.save_checkpoint(path)
