@@ -10,6 +10,7 @@ fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (no
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from fewstep.lightning.final_checkpoint import save_final_last_checkpoints
+from fewstep.lightning.interrupt import GracefulStop, exit_status
+from fewstep.lightning.nonfinite import NonFiniteGuard
 
 
 def _tools() -> dict[str, Callable]:
@@ -67,14 +70,29 @@ def run_tool(name: str, args: list[str]) -> object:
 class FewstepCLI(LightningCLI):
     """LightningCLI in subclass mode; configs are saved with each run (overwritten on resume)."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the YAML and command-line settings: LightningCLI would overwrite them with the
+        hyperparameters stored in ``--ckpt_path`` (so ``validate --ckpt_path ...
+        --model.init_args.guidance_scale=1`` scored the trained scale). The checkpoint gives
+        weights and training state only; a changed architecture fails at load, naming it."""
+
+    def before_fit(self) -> None:
+        """A first SIGINT/SIGTERM ends the fit after the current batch (GracefulStop); steps
+        with NaN/inf gradients are skipped (NonFiniteGuard, default settings unless the config
+        lists one)."""
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard())
+        callbacks.append(GracefulStop())
+
     def after_fit(self) -> None:
         """``last.ckpt`` holds the final step (Lightning leaves it at the last step-triggered
         save when max_steps is not a multiple of every_n_train_steps)."""
         save_final_last_checkpoints(self.trainer)
 
 
-def main(args: list[str] | None = None) -> object:
-    """Entry point of the ``fewstep`` console script; returns the tool's result or the CLI."""
+def run(args: list[str] | None = None) -> object:
+    """Run ``fewstep <args>`` in this process; returns the tool's result or the CLI."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOL_NAMES:
         return run_tool(argv[0], argv[1:])
@@ -91,5 +109,15 @@ def main(args: list[str] | None = None) -> object:
     )
 
 
+def main(args: list[str] | None = None) -> int:
+    """The ``fewstep`` console script: exit status 0 on success, 128 + the signal when a
+    SIGINT/SIGTERM interrupted it (a fit first writes its final ``last.ckpt``); errors raise."""
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        return 128 + int(signal.SIGINT)
+    return exit_status(getattr(result, "trainer", None))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

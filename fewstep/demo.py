@@ -55,9 +55,9 @@ def active_profile() -> Profile:
 
 def _cli(args: list[str]) -> Any:
     """Run ``fewstep <args>`` in this process and return the LightningCLI object."""
-    from fewstep.cli import main
+    from fewstep.cli import run
 
-    return main(args)
+    return run(args)
 
 
 def _last_checkpoint(log_dir: Path) -> list[str]:

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.data.datamodule import CachedLatentDataModule
 from fewstep.lightning.ema import EMA
 from fewstep.models.vae import VAE
@@ -97,7 +97,7 @@ def build_tiny_cache(
     """A shapes-world latent cache of ``num_samples`` 64 px images (about a second on CPU),
     in shards of ``shard_size`` (default: one shard)."""
     shard_size = shard_size or num_samples
-    main(
+    run(
         [
             "cache",
             "-c",

@@ -17,7 +17,7 @@ from student_fixtures import (
     is_overlay,
 )
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.data.cache import read_manifest
 from fewstep.models.dit import DiT
 from fewstep.models.vae import VAE
@@ -35,7 +35,7 @@ def test_teacher_overlay_resolves_to_the_long_recipe(capsys):
     overlay = CONFIGS / "teacher/shapes_long.yaml"
     assert is_overlay(overlay) and not is_overlay(CONFIGS / "teacher/shapes.yaml")
     with pytest.raises(SystemExit):
-        main(["fit", *config_args(overlay), "--print_config"])
+        run(["fit", *config_args(overlay), "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert model["network"]["init_args"]["hidden_size"] == 192
     assert model["network"]["init_args"]["depth"] == 6
@@ -54,7 +54,7 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("path", yamls("shapes"), ids=lambda p: p.name)
 def test_shapes_configs(path, tmp_path):
-    main(
+    run(
         [
             "shapes",
             "-c",
@@ -73,7 +73,7 @@ def test_shapes_configs(path, tmp_path):
 @pytest.mark.parametrize("path", yamls("vae"), ids=lambda p: p.name)
 def test_vae_configs(path, tmp_path):
     export = tmp_path / "vae"
-    main(
+    run(
         [
             "fit",
             *config_args(path),
@@ -96,7 +96,7 @@ def test_vae_configs(path, tmp_path):
 @pytest.mark.parametrize("path", yamls("cache"), ids=lambda p: p.name)
 def test_cache_configs(path, tmp_path, tiny_vae_dir):
     out = tmp_path / "cache"
-    main(
+    run(
         [
             "cache",
             "-c",
@@ -167,8 +167,8 @@ def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list
 @pytest.mark.parametrize("path", CPU_TEACHERS, ids=lambda p: p.name)
 def test_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache, tiny_vae_dir):
     common = teacher_args(path, tmp_path, tiny_cache, tiny_vae_dir)
-    main(["fit", *common, "--trainer.fast_dev_run=true"])
-    main(["validate", *common, "--trainer.limit_val_batches=1"])
+    run(["fit", *common, "--trainer.fast_dev_run=true"])
+    run(["validate", *common, "--trainer.limit_val_batches=1"])
 
 
 def tiny_pixart_folder(folder: Path, vae_dir: Path) -> Path:
@@ -201,8 +201,8 @@ def test_pretrained_teacher_configs_fit_and_validate(path, tmp_path, tiny_cache,
         "--model.init_args.network.init_args.path",
         str(folder),
     ]
-    main(["fit", *common, "--trainer.fast_dev_run=true"])
-    main(["validate", *common, "--trainer.limit_val_batches=1"])
+    run(["fit", *common, "--trainer.fast_dev_run=true"])
+    run(["validate", *common, "--trainer.limit_val_batches=1"])
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +225,8 @@ OTHER_STUDENT_YAMLS = [p for p in yamls("student") if not trains_on_a_latent_cac
 @pytest.mark.parametrize("path", CACHE_STUDENTS, ids=lambda p: p.name)
 def test_student_configs_fit_and_validate(path, tmp_path, tiny_teacher):
     config = cpu_student_config(path, tiny_teacher, tmp_path)
-    main(["fit", "-c", str(config), "--trainer.fast_dev_run=true"])
-    main(["validate", "-c", str(config), "--trainer.limit_val_batches=1"])
+    run(["fit", "-c", str(config), "--trainer.fast_dev_run=true"])
+    run(["validate", "-c", str(config), "--trainer.limit_val_batches=1"])
 
 
 @pytest.mark.parametrize("path", OTHER_STUDENT_YAMLS, ids=lambda p: p.name)
@@ -243,7 +243,7 @@ def test_xl2_teacher_config_parses_and_builds_exact_size(capsys):
 
     path = CONFIGS / "teacher/pixart_sigma_xl2.yaml"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(path), "--print_config"])
+        run(["fit", "-c", str(path), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "hidden_size: 1152" in printed and "FSDPStrategy" in printed
@@ -260,7 +260,7 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, tiny_cache, tiny_vae_dir
     path = CONFIGS / "teacher/shapes.yaml"
     args = teacher_args(path, tmp_path, tiny_cache, tiny_vae_dir)
     checkpoint_every(tmp_path / path.name, 2)  # the CPU-sized copy teacher_args points at
-    main(["fit", *args, "--trainer.max_steps=3", "--trainer.limit_val_batches=0"])
+    run(["fit", *args, "--trainer.max_steps=3", "--trainer.limit_val_batches=0"])
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
     steps = {p.name: torch.load(p, weights_only=False)["global_step"] for p in checkpoints}
     assert steps["last.ckpt"] == 3 and 2 in steps.values()  # the step-2 save is kept

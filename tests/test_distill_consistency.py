@@ -11,7 +11,7 @@ import torch
 from student_fixtures import build_tiny_teacher, cpu_student_config
 from torch import Tensor, nn
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.diffusion import (
     ClassifierFreeGuidance,
     Consistency,
@@ -282,7 +282,7 @@ def test_bad_arguments_name_the_field():
 def test_lcm_fit_through_the_cli_on_a_tiny_teacher(kind, tmp_path):
     teacher = build_tiny_teacher(tmp_path / "teacher", kind)
     config = cpu_student_config(CONFIGS / "student/lcm_shapes.yaml", teacher, tmp_path)
-    main(
+    run(
         [
             "fit",
             "-c",
@@ -295,11 +295,11 @@ def test_lcm_fit_through_the_cli_on_a_tiny_teacher(kind, tmp_path):
             "--model.init_args.eval_steps=[1, 2]",
         ]
     )
-    run = tmp_path / "student_lcm"
-    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    run_dir = tmp_path / "student_lcm"
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
     assert "method._extra_state" in ckpt["state_dict"]  # θ⁻ for exact resume
     assert any("g_embedder" in k for k in ckpt["state_dict"])
     assert ckpt["student_sampler"]["timesteps"][2] == [999.0, 499.0, -1.0]
-    table = (run / "eval_table.md").read_text()
+    table = (run_dir / "eval_table.md").read_text()
     assert "| student_2 | Consistency(2) | 2 |" in table

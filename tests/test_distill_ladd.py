@@ -16,7 +16,7 @@ from student_fixtures import (
 )
 from torch import nn
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Euler, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, RectifiedFlow, shift_time
@@ -377,14 +377,14 @@ def test_ladd_config_fits_validates_and_resumes_with_two_optimisers(tiny_teacher
     config = cli_config(tiny_teacher, tmp_path)
     last = tmp_path / "student_ladd" / "checkpoints" / "last.ckpt"  # as runs/demo/student_ladd
     fit = ["fit", "-c", str(config), "--trainer.limit_val_batches=0"]  # validated once, below
-    main([*fit, "--trainer.max_steps=4"])
+    run([*fit, "--trainer.max_steps=4"])
     first = torch.load(last, map_location="cpu", weights_only=False)
     assert len(first["optimizer_states"]) == 2
     heads = {k: v for k, v in first["state_dict"].items() if k.startswith("method.heads.")}
     assert heads and not any(k.startswith("teacher.") for k in first["state_dict"])
-    main(["validate", "-c", str(config), "--ckpt_path", str(last)])
+    run(["validate", "-c", str(config), "--ckpt_path", str(last)])
     assert (tmp_path / "student_ladd" / "eval_table.md").exists()
-    main([*fit, "--trainer.max_steps=8", "--ckpt_path", str(last)])
+    run([*fit, "--trainer.max_steps=8", "--ckpt_path", str(last)])
     second = torch.load(last, map_location="cpu", weights_only=False)
     assert second["global_step"] > first["global_step"]
     steps = [[s["step"] for s in opt["state"].values()] for opt in second["optimizer_states"]]

@@ -21,7 +21,7 @@ from student_fixtures import (
 from torch import Tensor, nn
 
 import fewstep.tools.couplings as couplings_tool
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.data.cache import CacheError, read_manifest
 from fewstep.data.couplings import CouplingDataModule
 from fewstep.data.datamodule import CachedLatentDataModule
@@ -334,7 +334,7 @@ def couplings_args(
 def couplings_dir(tiny, tmp_path_factory) -> Path:
     """Couplings of the tiny teacher, built through the CLI with the demo YAML."""
     out = tmp_path_factory.mktemp("couplings") / "couplings"
-    result = main(couplings_args(tiny, out))
+    result = run(couplings_args(tiny, out))
     assert result == {"couplings": str(out), "teacher_weights": "raw"}  # as the demo YAML says
     return out
 
@@ -343,7 +343,7 @@ def test_gpu_couplings_config_runs_on_the_tiny_teacher(tiny, tmp_path):
     """configs/student/reflow_couplings_shapes_gpu.yaml (the GPU recipe's couplings) runs."""
     out = tmp_path / "couplings"
     config = "configs/student/reflow_couplings_shapes_gpu.yaml"
-    assert main(couplings_args(tiny, out, config=config))["couplings"] == str(out)
+    assert run(couplings_args(tiny, out, config=config))["couplings"] == str(out)
     assert read_manifest(out)["num_samples"] == N_COUPLINGS
 
 
@@ -402,10 +402,10 @@ def test_interrupted_coupling_build_resumes_to_an_identical_cache(
 
     monkeypatch.setattr(couplings_tool, "generate", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(couplings_args(tiny, out))
+        run(couplings_args(tiny, out))
     assert (out / "shard-00000").is_dir() and not (out / "manifest.json").exists()
     calls["n"] = 10  # no more crashes; count the resumed batches
-    main(couplings_args(tiny, out))
+    run(couplings_args(tiny, out))
     assert calls["n"] == 10 + 2  # shard 0 was kept, shards 1 and 2 were built
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(
@@ -417,7 +417,7 @@ def test_interrupted_coupling_build_resumes_to_an_identical_cache(
 
 def test_coupling_build_refuses_other_settings_and_plain_caches(tiny, couplings_dir):
     with pytest.raises(CacheError, match="couplings"):
-        main(couplings_args(tiny, couplings_dir, "--guidance_scale=4.0"))
+        run(couplings_args(tiny, couplings_dir, "--guidance_scale=4.0"))
     with pytest.raises(CacheError, match="fewstep couplings"):
         CouplingDataModule(str(tiny.cache)).setup("fit")
 
@@ -461,19 +461,19 @@ def test_reflow_student_config_fits_and_validates(suffix, tiny, tmp_path):
     weights): 2 steps of fit (checkpointed), then validate that checkpoint at 1 and 2 steps."""
     couplings_dir = tmp_path / "couplings"
     couplings_yaml = f"configs/student/reflow_couplings_shapes{suffix}.yaml"
-    main(couplings_args(tiny, couplings_dir, config=couplings_yaml))
+    run(couplings_args(tiny, couplings_dir, config=couplings_yaml))
     name = f"reflow_shapes{suffix}.yaml"
     config = cpu_student_config(ROOT / "configs/student" / name, tiny, tmp_path)
     checkpoint_every(config, 2)
     common = ["-c", str(config), "--data.init_args.path", str(couplings_dir)]
-    main(["fit", *common, "--trainer.max_steps=2"])
+    run(["fit", *common, "--trainer.max_steps=2"])
     ckpt = next(tmp_path.rglob("last.ckpt"))
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])
     made_by = read_manifest(couplings_dir)["couplings"]["teacher"]["weights_sha256"]
     assert saved["teacher"]["sha256"] == made_by  # couplings of the teacher being distilled
-    main(["validate", *common, "--ckpt_path", str(ckpt)])
+    run(["validate", *common, "--ckpt_path", str(ckpt)])
     table = next(tmp_path.rglob("eval_table.md")).read_text()
     assert "student_1" in table and "student_2" in table
     assert "(step 2)" in table  # the checkpoint's step, although `validate` starts at 0

@@ -20,7 +20,7 @@ from tiny_t5 import make_tiny_t5, make_tiny_tokenizer
 from torch.utils.data import DataLoader
 from transformers import T5EncoderModel
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.diffusion import DDIM, DDPM, DiscreteDDPM, DPMSolver2M, Euler, Heun, RectifiedFlow
 from fewstep.export.pixart_pipeline import EXPORT_RECORD, export_pixart_sigma_pipeline
 from fewstep.export.schedulers import diffusers_scheduler, pipeline_call_kwargs
@@ -315,7 +315,7 @@ def test_export_tool_writes_ema_weights(pipeline_dir: Path, tmp_path: Path) -> N
     assert any(not torch.equal(average[k], raw[k]) for k in average)  # EMA != raw weights
 
     out = tmp_path / "exported"
-    main(["export", "-c", str(config_path), "--ckpt_path", str(ckpt), "--out", str(out)])
+    run(["export", "-c", str(config_path), "--ckpt_path", str(ckpt), "--out", str(out)])
     exported = PixArtTransformer2DModel.from_pretrained(out / "transformer").state_dict()
     expected = state_dict_to_diffusers({**raw, **average})
     assert exported.keys() == expected.keys()
@@ -324,9 +324,9 @@ def test_export_tool_writes_ema_weights(pipeline_dir: Path, tmp_path: Path) -> N
     assert record["source"]["weights"] == "ema" and record["global_step"] == 2
 
     with pytest.raises(FileExistsError, match=r"exported' exists and is not empty"):
-        main(["export", "-c", str(config_path), "--ckpt_path", str(ckpt), "--out", str(out)])
+        run(["export", "-c", str(config_path), "--ckpt_path", str(ckpt), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match=r"Checkpoint not found"):
-        main(
+        run(
             [
                 "export",
                 "-c",

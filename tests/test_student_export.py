@@ -23,7 +23,7 @@ from student_fixtures import (
 )
 from torch import Tensor
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.data.datamodule import CachedLatentDataModule
 from fewstep.diffusion import Consistency, DiscreteDDPM, Euler
 from fewstep.distill.consistency import ConsistencyDistillation, lcm_boundary
@@ -215,7 +215,7 @@ def test_export_cli_writes_the_ema_student_with_its_lcm_scheduler(ddpm_teacher, 
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # EMA != raw weights
 
     out = tmp_path / "exported"
-    main(["export", "-c", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    run(["export", "-c", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
     exported = PixArtTransformer2DModel.from_pretrained(out / "transformer").state_dict()
     expected = state_dict_to_diffusers(ema)
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
@@ -238,7 +238,7 @@ def test_exported_student_takes_prompts_through_the_encoder_of_its_cache(flow_te
     module, ckpt = fit_one_step(config, flow_teacher, tmp_path)
     apply_ema(module, ema_state(torch.load(ckpt, weights_only=False)))
     out = tmp_path / "exported"
-    main(["export", "-c", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
+    run(["export", "-c", str(config), "--ckpt_path", str(ckpt), "--out", str(out)])
     record = json.loads((out / EXPORT_RECORD).read_text())
     assert record["text_encoder"]["path"] == default_text_encoder_path()
 

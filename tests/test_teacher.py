@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from student_fixtures import config_args, quiet_trainer
 from torch.utils.data import DataLoader
 
-from fewstep.cli import main
+from fewstep.cli import run
 from fewstep.data.prompts import CATEGORIES, caption_of
 from fewstep.data.shapes import sample_spec
 from fewstep.diffusion import DDIM, Denoiser, Euler, RectifiedFlow
@@ -214,6 +214,6 @@ CONFIGS = sorted((ROOT / "configs/teacher").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_teacher_configs_parse(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *config_args(path), "--print_config"])
+        run(["fit", *config_args(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "TeacherModule" in capsys.readouterr().out

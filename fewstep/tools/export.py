@@ -3,6 +3,7 @@ diffusers ``PixArtSigmaPipeline`` folder, with the EMA weights when the checkpoi
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,19 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: '{path}'.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own checkpoint
+    try:  # weights_only: a checkpoint is data; unpickling arbitrary objects could run code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Refusing to load '{path}': it holds objects other than tensors and plain "
+            f"containers, which could run code when unpickled ({str(error).splitlines()[0]}). "
+            "Use a checkpoint written by fewstep/Lightning."
+        ) from None
+    except (RuntimeError, OSError, EOFError) as error:
+        raise ValueError(
+            f"Cannot read checkpoint '{path}' (truncated or corrupt? {error}); use an intact copy "
+            "or another checkpoint of the run."
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"'{path}' is not a Lightning checkpoint (no state_dict).")
     return ckpt

@@ -1,0 +1,65 @@
+"""Graceful interruption: the first SIGINT/SIGTERM ends a fit after the current batch (so the
+final ``last.ckpt`` holds a whole step), a second one stops at once; the signal is remembered
+so the console script can exit with 128 + its number."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop(Callback):
+    """Turns SIGINT/SIGTERM during ``fit`` into ``trainer.should_stop`` at the batch's end."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._trainer: pl.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        """First signal: stop after this batch; then restore the old handlers (a second
+        signal acts at once)."""
+        self.received = signum
+        if self._trainer is not None:
+            self._trainer.should_stop = True
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Install the handlers. Lightning registers its own SIGTERM handler after
+        ``on_fit_start`` (and ends with a SystemExit of status 0), so this replaces it here."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._trainer = trainer
+        self._previous = {s: signal.getsignal(s) for s in SIGNALS}
+        for signum in SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Re-assert the stop request (a loop may reset ``should_stop`` between batches)."""
+        if self.received is not None:
+            trainer.should_stop = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the signals back."""
+        self._restore()
+        self._trainer = None
+
+
+def exit_status(trainer: pl.Trainer | None) -> int:
+    """0, or 128 + the signal that stopped ``trainer``'s fit (shell convention)."""
+    for callback in [] if trainer is None else trainer.callbacks:
+        if isinstance(callback, GracefulStop) and callback.received is not None:
+            return 128 + int(callback.received)
+    return 0
