@@ -13,7 +13,9 @@ import inspect
 import signal
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning import LightningDataModule, LightningModule
@@ -67,6 +69,19 @@ def run_tool(name: str, args: list[str]) -> object:
     return result
 
 
+def check_checkpoint_file(path: str) -> None:
+    """Raise one clear error if ``path`` is not a complete checkpoint file (a zip archive, as
+    torch.save writes it): missing, a folder, or truncated."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SystemExit(f"error: --ckpt_path {path}: no such checkpoint file")
+    if not zipfile.is_zipfile(file):
+        raise SystemExit(
+            f"error: --ckpt_path {path}: not a complete checkpoint (truncated or corrupt); "
+            "use an intact copy or an earlier checkpoint of the run"
+        )
+
+
 class FewstepCLI(LightningCLI):
     """LightningCLI in subclass mode; configs are saved with each run (overwritten on resume)."""
 
@@ -74,7 +89,12 @@ class FewstepCLI(LightningCLI):
         """Keep the YAML and command-line settings: LightningCLI would overwrite them with the
         hyperparameters stored in ``--ckpt_path`` (so ``validate --ckpt_path ...
         --model.init_args.guidance_scale=1`` scored the trained scale). The checkpoint gives
-        weights and training state only; a changed architecture fails at load, naming it."""
+        weights and training state only; a changed architecture fails at load, naming it.
+        A missing or truncated checkpoint file is one clear error naming it."""
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(path)
 
     def before_fit(self) -> None:
         """A first SIGINT/SIGTERM ends the fit after the current batch (GracefulStop); steps

@@ -210,10 +210,11 @@ def cpu_student_config(
 
 
 def is_overlay(path: Path) -> bool:
-    """An overlay (e.g. ``shapes_long.yaml``) names no model class: it is layered with ``-c`` on
-    the folder's ``shapes.yaml``."""
+    """An overlay (e.g. ``shapes_long.yaml``) names no model (fit) or dataset (cache) class: it
+    is layered with ``-c`` on the folder's ``shapes.yaml``."""
     raw = yaml.safe_load(path.read_text()) or {}
-    return "model" in raw and "class_path" not in raw["model"]
+    sections = [raw.get(key) for key in ("model", "dataset")]  # fit / cache configs
+    return any(isinstance(section, dict) and "class_path" not in section for section in sections)
 
 
 def config_args(path: Path) -> list[str]:

@@ -307,3 +307,76 @@ def test_invalid_shard_folder_is_rebuilt(built: Path, tmp_path: Path) -> None:
     (root / "shard-00001" / "shard.json").write_text("{half")
     build(root)
     assert tree(root) == tree(built)
+
+
+def test_shard_with_a_deleted_file_is_rebuilt(built: Path, tmp_path: Path) -> None:
+    root = copy(built, tmp_path)
+    (root / "manifest.json").unlink()
+    (root / "shard-00001" / "text.npy").unlink()  # shard.json still says finished
+    build(root)
+    assert tree(root) == tree(built)
+
+
+def test_unreadable_images_are_dropped_and_listed_in_the_manifest(tmp_path: Path) -> None:
+    write_image_folder((shapes(6)[i] for i in range(6)), tmp_path / "images", progress=False)
+    (tmp_path / "images" / "00000002.png").write_bytes(b"")  # zero bytes
+    data = (tmp_path / "images" / "00000004.png").read_bytes()
+    (tmp_path / "images" / "00000004.png").write_bytes(data[: len(data) // 2])  # truncated
+    folder = ImageCaptionFolder(tmp_path / "images", resolution=32)
+    with pytest.warns(UserWarning, match="00000002.png"):
+        out = build_cache(folder, FakeVAE(), FakeText(), tmp_path / "c", shard_size=4, batch_size=3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 4 and manifest["num_source"] == 6
+    assert [s["index"] for s in manifest["skipped"]] == [2, 4]
+    assert "00000002.png" in manifest["skipped"][0]["reason"]
+    cache = LatentCache(out)
+    captions = [cache[i]["caption"] for i in range(len(cache))]
+    assert captions == [shapes(6)[i]["caption"] for i in (0, 1, 3, 5)]  # no substitutes
+    assert [r["source_index"] for r in cache.read_records(range(4))] == [0, 1, 3, 5]
+
+
+def test_long_captions_are_counted_in_the_manifest(tmp_path: Path) -> None:
+    from fewstep.models.text_encoder import TextEncoder
+
+    class LongCaptions(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            words = " ".join(["circle"] * (40 if i % 2 else 3))
+            return {"image": torch.zeros(3, 32, 32), "caption": words, "metadata": {}, "index": i}
+
+    encoder = TextEncoder(path=None, max_length=16)
+    with pytest.warns(UserWarning, match="longer than max_length=16"):
+        out = build_cache(LongCaptions(), FakeVAE(), encoder, tmp_path / "c", progress=False)
+    assert json.loads((out / "manifest.json").read_text())["truncated_captions"] == 2
+
+
+def test_a_second_concurrent_build_fails_at_once(tmp_path: Path) -> None:
+    from fewstep.data.cache import build_lock
+
+    root = tmp_path / "c"
+    root.mkdir()
+    with build_lock(root / "build-rank0.lock"):  # a live build (this process) holds the folder
+        with pytest.raises(CacheError, match="Another build .* is writing into"):
+            build(root)
+    build(root)  # the lock is released afterwards
+    assert (root / "manifest.json").exists() and not (root / "build-rank0.lock").exists()
+
+
+def test_a_stale_lock_of_a_dead_build_is_taken_over(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "build-rank0.lock").write_text(f"{dead} {os.uname().nodename}")
+    build(root)
+    assert (root / "manifest.json").exists()

@@ -165,3 +165,13 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:1500])
     with pytest.raises(ValueError, match="Cannot read checkpoint .*cut.ckpt"):
         load_checkpoint(path)
+
+
+def test_truncated_ckpt_path_is_one_clear_error(tmp_path):
+    from student_fixtures import build_tiny_teacher
+
+    teacher = build_tiny_teacher(tmp_path)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(teacher.ckpt.read_bytes()[:4000])
+    with pytest.raises(SystemExit, match="cut.ckpt: not a complete checkpoint"):
+        run(["validate", "-c", str(teacher.config), "--ckpt_path", str(cut)])

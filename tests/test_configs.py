@@ -99,8 +99,7 @@ def test_cache_configs(path, tmp_path, tiny_vae_dir):
     run(
         [
             "cache",
-            "-c",
-            str(path),
+            *config_args(path),
             "--out",
             str(out),
             "--device=cpu",

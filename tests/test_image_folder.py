@@ -172,13 +172,15 @@ def test_palette_image_becomes_rgb(tmp_path: Path) -> None:
     assert ImageCaptionFolder(tmp_path, resolution=8)[0]["image"].shape == (3, 8, 8)
 
 
-def test_unreadable_images_skipped_with_warning(tmp_path: Path) -> None:
+def test_unreadable_images_are_dropped_never_substituted(tmp_path: Path) -> None:
     _folder_with_bad_images(tmp_path)
     ds = ImageCaptionFolder(tmp_path, resolution=8)
     assert len(ds) == 4
     with pytest.warns(UserWarning) as record:
-        sample = ds[1]  # b_trunc and c_garbage both fail; d_good is returned
-    assert sample["caption"] == "caption d_good" and sample["index"] == 3
+        samples = [ds[i] for i in range(4)]
+    assert [s.get("caption") for s in samples] == ["caption a_good", None, None, "caption d_good"]
+    assert samples[1]["index"] == 1 and "b_trunc.png" in samples[1]["skipped"]
+    assert "truncated" in samples[1]["skipped"] and "c_garbage.jpg" in samples[2]["skipped"]
     messages = [str(w.message) for w in record]
     assert len(messages) == 2
     assert "b_trunc.png" in messages[0] and "truncated" in messages[0]
@@ -186,30 +188,56 @@ def test_unreadable_images_skipped_with_warning(tmp_path: Path) -> None:
     assert sorted(p.name for p in ds.skipped) == ["b_trunc.png", "c_garbage.jpg"]
     summary = ds.summary()
     assert summary.startswith("4 images, 2 skipped (unreadable)")
-    assert "b_trunc.png" in summary and "c_garbage.jpg" in summary
+    assert "b_trunc.png (" in summary and "c_garbage.jpg (" in summary  # with the reason
     # Already-known bad images are skipped silently and not double counted.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ds[2]["caption"] == "caption d_good"
+        assert "skipped" in ds[2]
     assert len(ds.skipped) == 2
 
 
-def test_skip_wraps_around_to_start(tmp_path: Path) -> None:
-    _write_png(tmp_path / "a.png")
-    (tmp_path / "z.png").write_bytes(b"garbage")
-    for stem in "az":
-        (tmp_path / f"{stem}.txt").write_text(stem)
+def test_a_batch_keeps_only_readable_images(tmp_path: Path) -> None:
+    from fewstep.data.images import collate_samples
+
+    _folder_with_bad_images(tmp_path)
     ds = ImageCaptionFolder(tmp_path, resolution=8)
-    with pytest.warns(UserWarning, match="z.png"):
-        assert ds[1]["caption"] == "a"
+    with pytest.warns(UserWarning):
+        batch = collate_samples([ds[i] for i in range(4)])
+    assert batch["caption"] == ["caption a_good", "caption d_good"]
+    assert batch["index"].tolist() == [0, 3] and batch["image"].shape[0] == 2
 
 
-def test_all_unreadable_is_error(tmp_path: Path) -> None:
+def test_all_unreadable_batch_is_an_error_naming_the_files(tmp_path: Path) -> None:
+    from fewstep.data.images import collate_samples
+
     (tmp_path / "x.png").write_bytes(b"garbage")
     (tmp_path / "x.txt").write_text("x")
     ds = ImageCaptionFolder(tmp_path, resolution=8)
-    with pytest.warns(UserWarning, match="x.png"), pytest.raises(RuntimeError, match="No readable"):
-        ds[0]
+    with pytest.warns(UserWarning, match="x.png"), pytest.raises(ValueError, match="x.png"):
+        collate_samples([ds[0]])
+
+
+def test_sixteen_bit_png_keeps_its_grey_levels(tmp_path: Path) -> None:
+    levels = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    Image.fromarray(np.kron(levels, np.ones((4, 4), np.uint16))).save(tmp_path / "g.png")
+    (tmp_path / "g.txt").write_text("grey")
+    assert Image.open(tmp_path / "g.png").mode.startswith("I")
+    image = ImageCaptionFolder(tmp_path, resolution=8, center_crop=False)[0]["image"]
+    corners = image[0, [0, 0, 7, 7], [0, 7, 0, 7]]  # the four 4x4 blocks, in [-1, 1]
+    expected = torch.tensor([0, 16384, 32768, 65535]) / 65535 * 2 - 1
+    assert torch.allclose(corners, expected, atol=0.02)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/hostname", "sub/../../x.png"])
+def test_metadata_paths_outside_the_folder_are_refused(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    _write_png(tmp_path / "outside.png")
+    _write_png(tmp_path / "x.png")
+    _write_metadata(root, [{"file_name": name, "text": "escape"}])
+    with pytest.raises(ValueError, match="outside the folder"):
+        ImageCaptionFolder(root)
 
 
 def test_check_finds_bad_images_and_drops_them(tmp_path: Path) -> None:

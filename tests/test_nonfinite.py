@@ -72,8 +72,8 @@ def test_too_many_nan_steps_stop_the_fit_and_keep_the_last_good_checkpoint(tmp_p
 def test_exploding_weights_stop_the_fit_and_are_never_saved(tmp_path):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     model = Regression(set(), lr=1e38)  # finite gradients, overflowing update
-    with pytest.raises(NonFiniteError, match="weights became non-finite"):
-        _trainer(tmp_path, 8, NonFiniteGuard(), ckpt).fit(model, _loader())
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        _trainer(tmp_path, 8, NonFiniteGuard(max_skipped=0), ckpt).fit(model, _loader())
     for path in tmp_path.glob("*.ckpt"):
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values()), path

@@ -18,10 +18,11 @@ from fewstep.data.shapes import sample_spec
 from fewstep.diffusion import DDIM, Denoiser, Euler, RectifiedFlow
 from fewstep.lightning.cfg_eval import CFGEvalCallback
 from fewstep.lightning.ema import EMA
-from fewstep.lightning.sampling import fixed_noise, generate
+from fewstep.lightning.sampling import generate
 from fewstep.lightning.teacher_module import TeacherModule
 from fewstep.models.dit import DiT
 from fewstep.models.vae import VAE
+from fewstep.utils.seeding import fixed_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

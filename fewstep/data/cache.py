@@ -115,7 +115,7 @@ def start_cache(root: Path, config: dict[str, Any], null_text: np.ndarray) -> No
     existing = root / BUILD_CONFIG
     if existing.exists():
         _check_same_build(root, read_json(existing), config)
-    elif any(not p.name.startswith(BUILD_CONFIG) for p in root.iterdir()):
+    elif any(not p.name.startswith(BUILD_CONFIG) and p.suffix != ".lock" for p in root.iterdir()):
         raise CacheError(
             f"{root} is not empty and holds no fewstep cache ({BUILD_CONFIG} missing); "
             "pick a new or empty out_dir"
@@ -153,12 +153,19 @@ def clean_tmp_shards(root: Path) -> None:
         shutil.rmtree(tmp)
 
 
-def finished_shard(root: Path, index: int, num_samples: int) -> bool:
-    """True if shard ``index`` was completely written with ``num_samples`` samples."""
-    meta = root / shard_name(index) / SHARD_META
+def finished_shard(root: Path, index: int, num_source: int) -> bool:
+    """True if shard ``index`` was completely written from ``num_source`` dataset samples and
+    every file its shard.json records exists with the recorded size."""
+    folder = root / shard_name(index)
     try:
-        return json.loads(meta.read_text())["num_samples"] == num_samples
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads((folder / SHARD_META).read_text())
+        if meta.get("num_source", meta["num_samples"]) != num_source:
+            return False
+        return all(
+            (folder / name).is_file() and (folder / name).stat().st_size == info["bytes"]
+            for name, info in meta["files"].items()
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -191,9 +198,13 @@ def write_shard(
     texts: Sequence[np.ndarray],
     records: Sequence[dict[str, Any]],
     extra: dict[str, np.ndarray] | None = None,
+    skipped: Sequence[dict[str, Any]] = (),
+    truncated_captions: int = 0,
 ) -> dict[str, Any]:
     """Write one shard atomically (into ``<name>.tmp/``, then rename); return its shard.json.
-    ``extra`` maps names to further per-sample arrays [N, ...], stored as ``<name>.npy``."""
+    ``extra`` maps names to further per-sample arrays [N, ...], stored as ``<name>.npy``;
+    ``skipped`` lists the dataset samples of this shard that could not be read (index, reason);
+    ``truncated_captions`` counts its captions cut at the text encoder's max_length."""
     n, extra = len(mean), extra or {}
     if not n == len(std) == len(texts) == len(records):
         raise ValueError(
@@ -202,6 +213,11 @@ def write_shard(
     for key, array in extra.items():
         if len(array) != n or f"{key}.npy" in SHARD_FILES or not key.isidentifier():
             raise ValueError(f"shard {index}: extra array {key!r} ({len(array)} rows) for {n}")
+    if n == 0:
+        raise ValueError(
+            f"shard {index}: every sample was unreadable ({list(skipped)[:3]} ...); fix or remove "
+            "those files, then rerun the build"
+        )
     name = shard_name(index)
     tmp, final = root / f"{name}.tmp", root / name
     if tmp.exists():
@@ -222,6 +238,9 @@ def write_shard(
     meta = {
         "name": name,
         "num_samples": n,
+        "num_source": n + len(skipped),
+        "skipped": list(skipped),
+        "truncated_captions": truncated_captions,
         "num_tokens": int(lengths.sum()),
         "files": files,
         "sha256": combined_sha256(files),
@@ -261,6 +280,10 @@ def merge_manifest(root: Path) -> dict[str, Any]:
     null = np.load(root / NULL_TEXT)
     manifest = {
         **config,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "num_source": config["num_samples"],
+        "skipped": [item for s in shards for item in s.get("skipped", [])],
+        "truncated_captions": sum(s.get("truncated_captions", 0) for s in shards),
         "latent_shape": list(open_npy(first / "latent_mean.npy").shape[1:]),
         "text_dim": int(null.shape[1]),
         "null_text": {"num_tokens": int(null.shape[0]), "sha256": file_sha256(root / NULL_TEXT)},
@@ -515,16 +538,58 @@ class LatentCache:
 
 
 @contextmanager
-def resumable_build(where: Callable[[], str], bar: Any) -> Iterator[None]:
-    """Close the progress ``bar`` on exit; on an error, note that finished shards are kept and
-    that rerunning the same build resumes (``where()`` names the build and where it stopped)."""
+def resumable_build(where: Callable[[], str], bar: Any, lock: Path) -> Iterator[None]:
+    """Hold the build ``lock`` (a second concurrent build into the folder fails at once); close
+    the progress ``bar`` on exit; on an error, note that finished shards are kept and that
+    rerunning the same build resumes (``where()`` names the build and where it stopped)."""
+    with build_lock(lock):
+        try:
+            yield
+        except Exception as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(
+                    f"{where()} stopped; finished shards are kept. Rerun the same build to resume."
+                )
+            raise
+        finally:
+            bar.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Exclusive-create ``path`` (holding this pid) for the block; a lock held by a live process
+    is a CacheError naming it, one left by a dead process on this host is taken over."""
+    owner = f"{os.getpid()} {os.uname().nodename}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid, _, host = path.read_text().partition(" ")
+            if host.strip() == os.uname().nodename and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # stale: its build died
+                continue
+            raise CacheError(
+                f"Another build (process {pid} on {host.strip() or '?'}) is writing into "
+                f"{path.parent}; wait for it to finish, or delete {path} if it is no longer "
+                "running."
+            ) from None
+    else:
+        raise CacheError(f"Could not take the build lock {path}; delete it and rerun.")
+    with os.fdopen(fd, "w") as f:
+        f.write(owner)
     try:
         yield
-    except Exception as e:
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(
-                f"{where()} stopped; finished shards are kept. Rerun the same build to resume."
-            )
-        raise
     finally:
-        bar.close()
+        path.unlink(missing_ok=True)

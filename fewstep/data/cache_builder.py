@@ -7,6 +7,7 @@ k % world_size == r and rank 0 merges the manifest. Rerunning skips finished sha
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ def _scalar(x: Any) -> float:
 
 
 _SKIP = object()
+RUNTIME_STATE = {"skipped", "skipped_reasons"}  # what a dataset learns while read, not its recipe
 
 
 def _describe(value: Any) -> Any:
@@ -68,16 +70,25 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"class": f"{type(dataset).__module__}.{type(dataset).__qualname__}"}
     for key, value in sorted(getattr(dataset, "__dict__", {}).items()):
         described = _describe(value)
-        if not key.startswith("_") and described is not _SKIP:
+        if not key.startswith("_") and key not in RUNTIME_STATE and described is not _SKIP:
             out[key] = described
     return out
+
+
+def _first_image(dataset: Any) -> Tensor:
+    """The first readable image of ``dataset``."""
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if "skipped" not in sample:
+            return sample["image"]
+    raise ValueError(f"build_cache: no readable image in the dataset ({describe_dataset(dataset)})")
 
 
 def build_config(
     dataset: Any, vae: ImageEncoder, text_encoder: TextEncoder, shard_size: int, dtype: str
 ) -> dict[str, Any]:
     """The build config stored in ``build.json`` and the manifest."""
-    height, width = dataset[0]["image"].shape[-2:]
+    height, width = _first_image(dataset).shape[-2:]
     center_crop = getattr(dataset, "center_crop", None)
     crop = "none" if center_crop is None else ("center" if center_crop else "resize")
     return {
@@ -128,12 +139,17 @@ def _device(module: Any) -> torch.device:
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images; keep captions, metadata and indices as lists."""
+    """Stack images; keep captions, metadata and indices as lists; list unreadable samples
+    (dropped, never substituted) under ``skipped`` as {"index", "reason"}."""
+    kept = [s for s in samples if "skipped" not in s]
     return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "metadata": [s["metadata"] for s in samples],
-        "index": [int(s["index"]) for s in samples],
+        "image": torch.stack([s["image"] for s in kept]) if kept else None,
+        "caption": [s["caption"] for s in kept],
+        "metadata": [s["metadata"] for s in kept],
+        "index": [int(s["index"]) for s in kept],
+        "skipped": [
+            {"index": int(s["index"]), "reason": s["skipped"]} for s in samples if "skipped" in s
+        ],
     }
 
 
@@ -271,19 +287,41 @@ def _write_shards(
     def where() -> str:  # read when a build stops: names the shard it stopped in
         return f"Cache build into {root} ({cache.shard_name(shard)})"
 
-    with cache.resumable_build(where, bar):
+    skipped: list[dict[str, Any]] = []
+    truncated = getattr(text_encoder, "truncated", 0)
+    with cache.resumable_build(where, bar, root / f"build-rank{rank}.lock"):
         for i, batch in enumerate(loader):
             shard = owner[i]
-            parts.append(encode_batch(batch, vae, text_encoder, config["dtype"]))
-            bar.update(len(batch["caption"]))
+            skipped += batch["skipped"]
+            if batch["caption"]:
+                parts.append(encode_batch(batch, vae, text_encoder, config["dtype"]))
+            bar.update(len(batch["caption"]) + len(batch["skipped"]))
             if i + 1 == len(batches) or owner[i + 1] != shard:
-                mean, std, texts, records = zip(*parts, strict=True)
-                cache.write_shard(
-                    root,
-                    shard,
-                    np.concatenate(mean),
-                    np.concatenate(std),
-                    [t for ts in texts for t in ts],
-                    [r for rs in records for r in rs],
-                )
-                parts = []
+                cut = getattr(text_encoder, "truncated", 0) - truncated
+                _write(root, shard, parts, skipped, cut)
+                parts, skipped, truncated = [], [], truncated + cut
+
+
+def _write(
+    root: Path,
+    shard: int,
+    parts: list[tuple[Any, ...]],
+    skipped: list[dict[str, Any]],
+    truncated_captions: int,
+) -> None:
+    """Write one shard from its encoded batches, naming the samples that were unreadable."""
+    for item in skipped:
+        warnings.warn(
+            f"cache: skipped unreadable sample {item['index']} ({item['reason']})", stacklevel=2
+        )
+    mean, std, texts, records = zip(*parts, strict=True) if parts else ([], [], [], [])
+    cache.write_shard(
+        root,
+        shard,
+        np.concatenate(mean) if parts else np.zeros((0,)),
+        np.concatenate(std) if parts else np.zeros((0,)),
+        [t for ts in texts for t in ts],
+        [r for rs in records for r in rs],
+        skipped=skipped,
+        truncated_captions=truncated_captions,
+    )

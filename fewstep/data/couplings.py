@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fewstep.data import cache
 from fewstep.data.cache import CacheError, LatentCache, Verify
 from fewstep.data.datamodule import CachedLatentDataModule, CachedLatentDataset, _empty, pad_texts
-from fewstep.lightning.sampling import fixed_noise
+from fewstep.utils.seeding import fixed_noise
 
 NOISE = "noise"  # the extra per-sample array: noise.npy
 COUPLINGS = "couplings"  # the manifest block describing how the couplings were made
@@ -121,7 +121,11 @@ def build_couplings(
     todo = [k for k, size in enumerate(sizes) if not cache.finished_shard(root, k, size)]
     done = n - sum(sizes[k] for k in todo)
     bar = tqdm(total=n, initial=done, unit="sample", desc="teacher couplings", disable=not progress)
-    with cache.resumable_build(lambda: f"Couplings build into {root}", bar):
+
+    def where() -> str:
+        return f"Couplings build into {root}"
+
+    with cache.resumable_build(where, bar, root / "build-rank0.lock"):
         for k in todo:
             parts = []
             for indices in _shard_batches(k * shard_size, min((k + 1) * shard_size, n), batch_size):
@@ -149,13 +153,14 @@ class CouplingDataset(CachedLatentDataset):
         noise = self.cache.read_array(NOISE, cache_indices)
         return _empty(noise.shape).copy_(torch.from_numpy(noise))
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**super().__getitem__(i), NOISE: self._noise(self.indices[[i]])[0]}
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        sample = super().__getitem__(key)
+        return {**sample, NOISE: self._noise(np.array([sample["index"]]))[0]}
 
-    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
+    def __getitems__(self, keys: list[int]) -> dict[str, Any]:
         """A collated batch with ``noise`` [B, C, h, w] float32 beside ``latents`` (= x0)."""
-        batch = super().__getitems__(positions)
-        batch[NOISE] = self._noise(self.indices[np.asarray(positions, dtype=np.int64)])
+        batch = super().__getitems__(keys)
+        batch[NOISE] = self._noise(batch["index"].numpy())
         return batch
 
 

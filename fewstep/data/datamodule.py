@@ -9,7 +9,6 @@ posterior sample with ``sample_posterior``). Whole batches are read at once (``_
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from fewstep.data.cache import LatentCache, Verify, check_fingerprint
+from fewstep.data.resumable import ResumableSampler, resumable_sampler
+from fewstep.utils.seeding import mix_seed
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -76,56 +77,52 @@ class CachedLatentDataset(Dataset):
         self.max_text_length = max_text_length
         self.seed = seed
         self.null = cache.null_text()[:max_text_length]
-        self._gen: torch.Generator | None = None
-        self._gen_pid = -1
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_gen": None, "_gen_pid": -1}
+    def _generator(self, keys: np.ndarray) -> torch.Generator:
+        """The RNG of one read: seeded by (seed, first draw key), so text dropout and posterior
+        noise depend on (seed, epoch, sample) only, in any process and after any resume."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, int(keys[0])))
 
-    def _generator(self) -> torch.Generator:
-        """This process's RNG (DataLoader workers get distinct seeds via torch.initial_seed)."""
-        if self._gen is None or self._gen_pid != os.getpid():
-            seed = (self.seed * 1_000_003 + torch.initial_seed()) % 2**63
-            self._gen, self._gen_pid = torch.Generator().manual_seed(seed), os.getpid()
-        return self._gen
-
-    def _latents(self, mean: np.ndarray, std: np.ndarray) -> Tensor:
+    def _latents(self, mean: np.ndarray, std: np.ndarray, generator: torch.Generator) -> Tensor:
         """Normalised latents (z - shift) * scale, z = mean (+ std * noise if sampling)."""
         z = _empty(mean.shape).copy_(torch.from_numpy(mean))
         if self.sample_posterior:
-            noise = torch.randn(z.shape, generator=self._generator())
+            noise = torch.randn(z.shape, generator=generator)
             z.addcmul_(torch.from_numpy(std).float(), noise)
         return z.sub_(self.cache.shift_factor).mul_(self.cache.scaling_factor)
 
-    def _texts(self, cache_indices: np.ndarray) -> list[np.ndarray]:
+    def _texts(self, cache_indices: np.ndarray, generator: torch.Generator) -> list[np.ndarray]:
         """Valid tokens per sample, replaced by the null embedding with prob. text_dropout."""
         texts = [t[: self.max_text_length] for t in self.cache.read_texts(cache_indices)]
         if self.text_dropout > 0:
-            drop = torch.rand(len(texts), generator=self._generator()) < self.text_dropout
+            drop = torch.rand(len(texts), generator=generator) < self.text_dropout
             texts = [self.null if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
         return texts
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        index = self.indices[i]
-        record = self.cache.read_records([index])[0]
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        """One sample as a batch of one, unstacked (see ``__getitems__``)."""
+        batch = self.__getitems__([key])
         return {
-            "latents": self._latents(*self.cache.read_latents([index]))[0],
-            "text": torch.from_numpy(np.array(self._texts(np.array([index]))[0])).float(),
-            "caption": record["caption"],
-            "metadata": record["metadata"],
-            "index": int(index),
+            "latents": batch["latents"][0],
+            "text": batch["text"][0][batch["text_mask"][0]],
+            "caption": batch["caption"][0],
+            "metadata": batch["metadata"][0],
+            "index": int(batch["index"][0]),
         }
 
-    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
-        """A whole collated batch, read with one fancy-indexed memmap access per shard."""
-        indices = self.indices[np.asarray(positions, dtype=np.int64)]
-        text, mask = pad_texts(self._texts(indices), self.cache.text_dim)
+    def __getitems__(self, keys: list[int]) -> dict[str, Any]:
+        """A whole collated batch, read with one fancy-indexed memmap access per shard. Keys are
+        positions in this dataset, or ResumableSampler's draw keys (epoch * len + position)."""
+        keys_array = np.asarray(keys, dtype=np.int64)
+        indices = self.indices[keys_array % len(self)]
+        generator = self._generator(keys_array)
+        text, mask = pad_texts(self._texts(indices, generator), self.cache.text_dim)
         records = self.cache.read_records(indices)
         return {
-            "latents": self._latents(*self.cache.read_latents(indices)),
+            "latents": self._latents(*self.cache.read_latents(indices), generator),
             "text": text,
             "text_mask": mask,
             "caption": [r["caption"] for r in records],
@@ -254,13 +251,24 @@ class CachedLatentDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=self._train_sampler(dataset) if train else None,
             drop_last=self.drop_last and train,
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,  # workers keep open, verified shards
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def _train_sampler(self, dataset: CachedLatentDataset) -> ResumableSampler:
+        """Shuffled, rank-sharded, resuming mid-epoch exactly (ResumableSampler), with draw
+        keys so text dropout and posterior noise follow (seed, epoch, sample)."""
+        return resumable_sampler(
+            dataset,
+            self.batch_size,
+            self.trainer,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            draw_keys=True,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,7 +1,8 @@
 """Image-folder dataset with captions (Hugging Face ``metadata.jsonl`` or ``.txt`` sidecars).
 
 Reading: :class:`ImageCaptionFolder` resizes the shortest side to ``resolution`` and centre-crops.
-Unreadable or truncated images are skipped with a warning and listed in :meth:`summary`.
+Unreadable or truncated images are skipped — their sample is dropped, never replaced by another
+image — with a warning, and listed with the reason in :meth:`summary` and ``skipped_reasons``.
 Writing: :func:`write_image_folder` writes samples out in the same format.
 """
 
@@ -73,6 +74,11 @@ def _entries_from_metadata(root: Path) -> list[ImageEntry]:
                 continue
             file_name, text, extra = _parse_metadata_line(line, meta_path, lineno)
             path = root / file_name
+            if not path.resolve().is_relative_to(root.resolve()):
+                raise ValueError(
+                    f"{meta_path}, line {lineno}: file_name {file_name!r} points outside the "
+                    f"folder {root}; list files inside it (relative paths without '..')"
+                )
             if not path.is_file():
                 raise FileNotFoundError(
                     f"{meta_path}, line {lineno}: file_name {file_name!r} does not exist ({path})"
@@ -101,10 +107,22 @@ def _entries_from_sidecars(root: Path) -> list[ImageEntry]:
     return entries
 
 
+def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
+    """16-bit/32-bit integer or float greyscale ("I;16*", "I", "F") -> 8-bit "L" by its range
+    (PIL's own convert("RGB") clips these to white)."""
+    array = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    if im.mode == "F":
+        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+    return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Fully decode an image file and return it as RGB (raises on corrupt/truncated files)."""
     with Image.open(path) as im:
         im.load()
+        if im.mode.startswith("I") or im.mode == "F":
+            return _high_bit_depth_to_l(im).convert("RGB")
         if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -134,9 +152,10 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 class ImageCaptionFolder(Dataset):
     """Folder of captioned images (``metadata.jsonl`` or ``.txt`` sidecars), square-cropped.
 
-    Unreadable images found while loading are skipped (the next valid one is returned) and
-    recorded in ``skipped``. With DataLoader workers each worker keeps its own ``skipped``
-    list, so call :meth:`check` up front to find every bad file in the main process.
+    An unreadable image gives ``{"skipped": reason, "index": i}`` instead of a sample (the
+    collate functions drop it; nothing is substituted) and is recorded in ``skipped`` and
+    ``skipped_reasons``. With DataLoader workers each worker keeps its own records, so call
+    :meth:`check` up front to find (and drop) every bad file in the main process.
     """
 
     def __init__(self, root: str | Path, resolution: int = 64, center_crop: bool = True) -> None:
@@ -156,26 +175,25 @@ class ImageCaptionFolder(Dataset):
             self.entries = _entries_from_sidecars(self.root)
         self.num_found = len(self.entries)
         self.skipped: list[Path] = []
+        self.skipped_reasons: dict[Path, str] = {}
 
     def __len__(self) -> int:
         """Number of indexed images (bad ones removed by :meth:`check` are excluded)."""
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return ``{"image", "caption", "metadata", "index"}``, skipping unreadable images."""
+        """``{"image", "caption", "metadata", "index"}``, or ``{"skipped": reason, "index"}``
+        for an unreadable image (warned about once)."""
         n = len(self.entries)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        skipped = set(self.skipped)
-        for offset in range(n):
-            i = (index + offset) % n
-            entry = self.entries[i]
-            if entry.path in skipped:
-                continue
-            image = self._load(entry.path)
-            if image is not None:
-                return self._sample(i, entry, image)
-        raise RuntimeError(f"No readable images in {self.root}. {self.summary()}")
+        index %= n
+        entry = self.entries[index]
+        image = None if entry.path in self.skipped_reasons else self._load(entry.path)
+        if image is None:
+            reason = f"{self._display_name(entry.path)}: {self.skipped_reasons[entry.path]}"
+            return {"skipped": reason, "index": index}
+        return self._sample(index, entry, image)
 
     def _sample(self, i: int, entry: ImageEntry, image: Image.Image) -> dict[str, Any]:
         """Build the sample dict for an already decoded image."""
@@ -199,6 +217,7 @@ class ImageCaptionFolder(Dataset):
         """Warn about an unreadable image and record it once in ``skipped``."""
         if path not in self.skipped:
             self.skipped.append(path)
+        self.skipped_reasons[path] = f"{type(error).__name__}: {error}"
         warnings.warn(
             f"Skipping unreadable image {path}: {type(error).__name__}: {error}",
             UnreadableImageWarning,
@@ -209,7 +228,7 @@ class ImageCaptionFolder(Dataset):
         """Decode every image once, record bad ones in ``skipped``, drop them; return them."""
         bad = []
         for entry in tqdm(self.entries, desc="Checking images", disable=not progress):
-            if entry.path in self.skipped or self._load(entry.path) is None:
+            if entry.path in self.skipped_reasons or self._load(entry.path) is None:
                 bad.append(entry.path)
         bad_set = set(bad)
         self.entries = [e for e in self.entries if e.path not in bad_set]
@@ -220,7 +239,10 @@ class ImageCaptionFolder(Dataset):
         text = f"{self.num_found} images, {len(self.skipped)} skipped (unreadable)"
         if not self.skipped:
             return text
-        names = [self._display_name(p) for p in self.skipped[:_SUMMARY_MAX_NAMES]]
+        names = [
+            f"{self._display_name(p)} ({self.skipped_reasons.get(p, 'unreadable')})"
+            for p in self.skipped[:_SUMMARY_MAX_NAMES]
+        ]
         more = len(self.skipped) - len(names)
         return f"{text}: {', '.join(names)}" + (f", ... and {more} more" if more else "")
 
@@ -230,6 +252,12 @@ class ImageCaptionFolder(Dataset):
             return str(path.relative_to(self.root))
         except ValueError:
             return str(path)
+
+
+def split_skipped(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(readable samples, reasons of the unreadable ones) of a list from a dataset."""
+    kept = [s for s in samples if "skipped" not in s]
+    return kept, [s["skipped"] for s in samples if "skipped" in s]
 
 
 def _to_pil(image: Any) -> Image.Image:

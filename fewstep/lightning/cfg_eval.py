@@ -17,8 +17,9 @@ from torch import Tensor
 
 from fewstep.eval.geneval import tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
-from fewstep.lightning.sampling import call_wrapped, fixed_noise
+from fewstep.lightning.sampling import call_wrapped
 from fewstep.models.text_encoder import pad_rows
+from fewstep.utils.seeding import fixed_noise
 
 
 class CFGEvalCallback(pl.Callback):

@@ -21,7 +21,7 @@ from fewstep.data.prompts import CATEGORIES
 from fewstep.diffusion.samplers import Sampler
 from fewstep.eval.geneval import ShapesGenEval, specs_of, tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
-from fewstep.lightning.sampling import fixed_noise, mix_seed
+from fewstep.utils.seeding import fixed_noise, mix_seed
 
 
 def psnr(images: Tensor, reference: Tensor) -> Tensor:

@@ -22,13 +22,13 @@ from fewstep.lightning.sampling import (
     datamodule_null_text,
     frozen_vae,
     generate,
-    mix_seed,
 )
 from fewstep.lightning.student_eval import StudentEvaluation
 from fewstep.lightning.teacher_module import TeacherModule, default_optimizer
 from fewstep.models.vae import VAE
 from fewstep.tools.export import load_trained
 from fewstep.utils.fingerprint import weights_hash
+from fewstep.utils.seeding import mix_seed
 
 TEACHER_PREFIX = "teacher."
 

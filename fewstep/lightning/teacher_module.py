@@ -24,13 +24,12 @@ from fewstep.eval.geneval import ShapesGenEval, specs_of
 from fewstep.lightning.sampling import (
     NullText,
     datamodule_null_text,
-    fixed_noise,
     frozen_vae,
     generate,
-    mix_seed,
 )
 from fewstep.models.dit import DiT
 from fewstep.models.vae import VAE
+from fewstep.utils.seeding import fixed_noise, mix_seed
 
 
 def default_optimizer(params: Iterable[Any]) -> Optimizer:

@@ -21,6 +21,7 @@ from fewstep.eval.geneval import ShapesGenEval, specs_of
 from fewstep.models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from fewstep.models.perceptual import FeaturePerceptualLoss
 from fewstep.models.vae import VAE, gaussian_kl
+from fewstep.utils.seeding import mix_seed
 
 
 def default_optimizer(params: Iterable[Any]) -> Optimizer:
@@ -134,6 +135,11 @@ class VAEModule(pl.LightningModule):
         x = int(torch.randint(0, images.shape[-1] - size + 1, (1,), generator=generator))
         return images[..., y : y + size, x : x + size]  # B,3,size,size
 
+    def _posterior_noise(self, std: Tensor) -> Tensor:
+        """N(0, I) like ``std``, seeded by the generator step (so resume is exact)."""
+        generator = torch.Generator(std.device).manual_seed(mix_seed(self.generator_steps, 1))
+        return torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Generator step on the reparameterised sample, then (if active) a discriminator step."""
         images = self._random_crop(batch["image"])
@@ -144,7 +150,7 @@ class VAEModule(pl.LightningModule):
 
         self.toggle_optimizer(opt_g)
         mean, std = self.vae.encode_moments(images)
-        z = mean + std * torch.randn_like(std) if self.hparams.sample_posterior else mean
+        z = mean + std * self._posterior_noise(std) if self.hparams.sample_posterior else mean
         recon = self.vae.decode_raw(z)
         losses = self._losses(images, recon, mean, std)
         if disc_on:

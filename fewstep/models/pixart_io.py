@@ -20,6 +20,7 @@ from fewstep.models.dit_convert import (
 )
 from fewstep.models.text_encoder import resolve_folders
 from fewstep.models.vae import config_folder, resolve_vae_folder
+from fewstep.utils.manifest import verify_shipped
 
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # the latter: legacy name
 WEIGHTS = "diffusion_pytorch_model"
@@ -112,6 +113,7 @@ class PretrainedDiT(DiT):
     (``path``: a pipeline folder with ``transformer/``, or the transformer folder itself)."""
 
     def __init__(self, path: str, gradient_checkpointing: bool = False) -> None:
+        verify_shipped(path)  # a shipped teacher must match its sha256 manifest
         kwargs = dit_kwargs_from_folder(path)
         folder = resolve_transformer_folder(path)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ TOKENIZER_FILES = (
 # Encoder-decoder families whose encoder has its own class (no decoder weights are loaded).
 ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TRUNCATED_EXAMPLES = 5  # cut captions remembered for the cache manifest
 
 
 def default_text_encoder_path() -> str:
@@ -155,6 +157,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"TextEncoder memo_size must be >= 0, got {memo_size}")
         self.path = path if path is not None else default_text_encoder_path()
         self.max_length = max_length
+        self.truncated = 0  # captions cut at max_length so far (see tokenize)
+        self.truncated_examples: list[str] = []
         self.dtype_name = dtype
         model_folder, tokenizer_folder = resolve_folders(self.path)
         self.tokenizer = _load_tokenizer(tokenizer_folder, model_folder)
@@ -181,8 +185,10 @@ class TextEncoder(nn.Module):
         return super().train(False)
 
     def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """(input_ids [B, L], attention_mask [B, L]) padded to the longest, cut at max_length."""
+        """(input_ids [B, L], attention_mask [B, L]) padded to the longest, cut at max_length;
+        captions that were cut are counted in ``truncated`` and warned about (first few)."""
         _check_captions(captions)
+        self._note_truncated(captions)
         tokens = self.tokenizer(
             list(captions),
             padding="longest",
@@ -191,6 +197,22 @@ class TextEncoder(nn.Module):
             return_tensors="pt",
         )
         return tokens["input_ids"], tokens["attention_mask"]
+
+    def _note_truncated(self, captions: list[str]) -> None:
+        """Count the captions longer than ``max_length`` tokens; warn naming the first few."""
+        lengths = [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
+        cut = [c for c, n in zip(captions, lengths, strict=True) if n > self.max_length]
+        if not cut:
+            return
+        self.truncated += len(cut)
+        if len(self.truncated_examples) < TRUNCATED_EXAMPLES:
+            self.truncated_examples += cut[: TRUNCATED_EXAMPLES - len(self.truncated_examples)]
+            shown = "; ".join(repr(c[:80]) for c in cut[:3])
+            warnings.warn(
+                f"TextEncoder: {len(cut)} caption(s) longer than max_length={self.max_length} "
+                f"tokens were cut ({shown}); raise max_length to keep them whole",
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
 from fewstep.utils.fingerprint import fingerprint
+from fewstep.utils.manifest import verify_shipped
 
 
 def config_folder(root: Path, subfolder: str) -> Path | None:
@@ -63,6 +64,7 @@ class VAE(nn.Module):
     ) -> None:
         super().__init__()
         if pretrained_path is not None:
+            verify_shipped(pretrained_path)  # a shipped VAE must match its sha256 manifest
             self.autoencoder, raw = self._load(pretrained_path)
             scaling_factor = raw.get("scaling_factor") if scaling_factor is None else scaling_factor
             shift_factor = raw.get("shift_factor") if shift_factor is None else shift_factor

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from fewstep.data.cache import read_manifest
 from fewstep.data.cache_builder import build_cache
 from fewstep.models.text_encoder import TextEncoder
 from fewstep.models.vae import VAE
@@ -47,4 +48,16 @@ def build(
             dtype=dtype,
             num_workers=num_workers,
         )
-    return {"cache": str(Path(path))}
+    return {"cache": str(Path(path)), **build_summary(path)}
+
+
+def build_summary(path: str | Path) -> dict[str, object]:
+    """What the manifest of a finished build says was cached, skipped and cut."""
+    manifest = read_manifest(Path(path))
+    skipped = manifest.get("skipped", [])
+    return {
+        "num_samples": manifest["num_samples"],
+        "skipped": len(skipped),
+        "skipped_examples": [item["reason"] for item in skipped[:5]],
+        "truncated_captions": manifest.get("truncated_captions", 0),
+    }

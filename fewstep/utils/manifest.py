@@ -1,0 +1,79 @@
+"""Shipped model folders: a ``manifest.json`` beside the weights records the sha256 of every
+file (and the recipe, score and cost that produced them); loading checks it, so a changed or
+damaged file is one clear error instead of a silently different model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+MARKER = "fewstep_shipped"  # manifest key that marks a shipped-model folder
+
+
+class ShippedModelError(RuntimeError):
+    """A shipped model's files do not match its manifest."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` but the manifest, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``folder/manifest.json``: the sha256 of each file plus ``info`` (recipe, score...)."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in _files(folder)}
+    manifest = {MARKER: 1, **info, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def shipped_root(path: str | Path) -> Path | None:
+    """The shipped-model folder holding ``path`` (itself or a parent), or None."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        candidate = folder / MANIFEST
+        if candidate.is_file():
+            try:
+                if MARKER in json.loads(candidate.read_text()):
+                    return folder
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def verify_shipped(path: str | Path) -> dict[str, Any] | None:
+    """If ``path`` lies in a shipped-model folder, check every file under ``path`` against the
+    manifest's sha256 and return the manifest; None for an ordinary folder."""
+    root = shipped_root(path)
+    if root is None:
+        return None
+    manifest = json.loads((root / MANIFEST).read_text())
+    scope = Path(path).resolve()
+    for name, expected in manifest["files"].items():
+        file = root / name
+        if not file.resolve().is_relative_to(scope):
+            continue
+        if not file.is_file():
+            raise ShippedModelError(f"Shipped model {root}: {name} is missing; {_FIX}")
+        if (actual := sha256_file(file)) != expected:
+            raise ShippedModelError(
+                f"Shipped model {root}: {name} has sha256 {actual[:12]}..., the manifest "
+                f"records {expected[:12]}...; {_FIX}"
+            )
+    return manifest
+
+
+_FIX = "restore the folder (`git checkout -- <folder>` or reinstall fewstep)"
