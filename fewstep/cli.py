@@ -5,6 +5,7 @@ fewstep shapes --out runs/demo/shapes         # render + score the shapes world
 fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
 fewstep export -c FIT.yaml --ckpt_path last.ckpt --out DIR  # teacher/student as a pipeline
 fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (noise, sample)
+fewstep shapes-features --out fewstep/assets/shapes_features  # the FID feature network
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ def _tools() -> dict[str, Callable]:
     from fewstep.tools.couplings import couplings
 
     tools["couplings"] = couplings
+    from fewstep.tools.shapes_features import train as train_shapes_features
+
+    tools["shapes-features"] = train_shapes_features
     return tools
 
 
-TOOL_NAMES = ("shapes", "cache", "export", "couplings")
+TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features")
 
 
 def run_tool(name: str, args: list[str]) -> object:

@@ -1,0 +1,1 @@
+"""Distribution metrics as torchmetrics ``Metric``s and small functions over features."""
