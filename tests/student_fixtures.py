@@ -233,3 +233,37 @@ def checkpoint_every(path: Path, steps: int, **trainer: Any) -> Path:
             callback["init_args"]["every_n_train_steps"] = steps
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+COUPLINGS_YAML = "configs/student/reflow_couplings_shapes.yaml"
+
+
+def couplings_args(
+    tiny: TinyTeacher,
+    out: Path,
+    *extra: str,
+    config: str = COUPLINGS_YAML,
+    num_samples: int = 12,
+    shard: int = 4,
+) -> list[str]:
+    """`fewstep couplings` on a coupling YAML (default: the demo's), pointed at the tiny teacher
+    (CPU; ``num_samples`` couplings in shards of ``shard``, one batch each)."""
+    return [
+        "couplings",
+        "-c",
+        str(CONFIGS.parent / config),
+        "--teacher_config",
+        str(tiny.config),
+        "--teacher_ckpt",
+        str(tiny.ckpt),
+        "--cache",
+        str(tiny.cache),
+        "--out",
+        str(out),
+        f"--num_samples={num_samples}",
+        f"--shard_size={shard}",
+        f"--batch_size={shard}",
+        "--device=cpu",
+        "--progress=false",
+        *extra,
+    ]

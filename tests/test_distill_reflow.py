@@ -13,6 +13,7 @@ from student_fixtures import (
     TinyTeacher,
     build_tiny_teacher,
     checkpoint_every,
+    couplings_args,
     cpu_student_config,
     quiet_trainer,
     teacher_yaml,
@@ -294,6 +295,7 @@ def test_ddim_teacher_sampler_is_untouched_by_the_flow_view():
 # ----------------------------------------------------------------------------- coupling caches
 
 N_COUPLINGS, SHARD = 12, 4  # 3 shards of one batch each
+COUPLINGS_YAML = "configs/student/reflow_couplings_shapes.yaml"  # the demo's, built below
 
 
 @pytest.fixture(scope="module")
@@ -302,40 +304,11 @@ def tiny(tmp_path_factory) -> TinyTeacher:
     return build_tiny_teacher(tmp_path_factory.mktemp("teacher"), "flow")
 
 
-COUPLINGS_YAML = "configs/student/reflow_couplings_shapes.yaml"
-
-
-def couplings_args(
-    tiny: TinyTeacher, out: Path, *extra: str, config: str = COUPLINGS_YAML
-) -> list[str]:
-    """`fewstep couplings` on a coupling YAML (default: the demo's), pointed at the tiny teacher
-    (CPU, 3 shards)."""
-    return [
-        "couplings",
-        "-c",
-        str(ROOT / config),
-        "--teacher_config",
-        str(tiny.config),
-        "--teacher_ckpt",
-        str(tiny.ckpt),
-        "--cache",
-        str(tiny.cache),
-        "--out",
-        str(out),
-        f"--num_samples={N_COUPLINGS}",
-        f"--shard_size={SHARD}",
-        f"--batch_size={SHARD}",
-        "--device=cpu",
-        "--progress=false",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
 def couplings_dir(tiny, tmp_path_factory) -> Path:
     """Couplings of the tiny teacher, built through the CLI with the demo YAML."""
     out = tmp_path_factory.mktemp("couplings") / "couplings"
-    result = run(couplings_args(tiny, out))
+    result = run(couplings_args(tiny, out, config=COUPLINGS_YAML))
     assert result == {"couplings": str(out), "teacher_weights": "raw"}  # as the demo YAML says
     return out
 

@@ -152,3 +152,21 @@ def test_clean_renders_have_no_stray_colour():
         scene = analyse(image)
         assert not scene.cluttered and scene.stray < 0.005
         assert score_image(image, spec)[0]
+
+
+def test_overall_standard_error_is_the_binomial_formula():
+    import math
+
+    import torch
+
+    from fewstep.data.prompts import CATEGORIES
+    from fewstep.eval.geneval import ShapesGenEval
+
+    metric = ShapesGenEval()
+    correct, total = [3, 0, 5, 2, 1, 4], [4, 2, 5, 4, 3, 8]
+    metric.correct, metric.total = torch.tensor(correct), torch.tensor(total)
+    out = metric.compute()
+    p = [c / n for c, n in zip(correct, total, strict=True)]
+    expected = math.sqrt(sum(q * (1 - q) / n for q, n in zip(p, total, strict=True))) / 6
+    assert float(out["overall_se"]) == pytest.approx(expected)
+    assert float(out["overall"]) == pytest.approx(sum(p) / len(CATEGORIES))

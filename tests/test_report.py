@@ -111,11 +111,11 @@ def test_passing_report_tables_numbers_and_images(tmp_path, student_log, teacher
     assert row(teacher_table, "**overall**") == ["**overall**", "0.810"]
     assert row(md, "teacher (reference)") == [
         "teacher (reference)", "0.950", "0.850", "0.750", "0.900", "0.600", "0.750",
-        "0.800", "100.0 %", "40", "1.0×", "120.00", "1.0×", "–", "–",
+        "0.800", "100.0 %", "40", "1.0×", "120.00", "1.0×", "–", "–", "–", "–", "–",
     ]  # fmt: skip
     assert row(md, "student 4 steps") == [
         "student 4 steps", *["0.760"] * 6,
-        "0.760", "95.0 %", "4", "10.0×", "12.00", "10.0×", "0.0025", "24.00",
+        "0.760", "95.0 %", "4", "10.0×", "12.00", "10.0×", "0.0025", "24.00", "–", "–", "–",
     ]  # fmt: skip
     assert row(md, "student 1 step")[7:10] == ["0.500", "62.5 %", "1"]
     assert "**Issue bar (" in md and "): holds** — 4-step overall 0.760 = 95.0 %" in md
@@ -218,3 +218,24 @@ def test_reused_fit_time_counts_in_the_stage_row(tmp_path):
     results = {"teacher": {"validate": {}, "seconds": 33.0, "reused_fit_seconds": 2050.0}}
     md = write_report(tmp_path, results, None, tmp_path / "no_teacher").read_text()
     assert row(md, "teacher")[1:3] == ["done (earlier fit reused)", "2083.0"]
+
+
+def test_report_flags_students_above_110_percent_and_shows_spread():
+    from fewstep.eval.report import _compare_cells, unfaithful_lines
+
+    rows = {
+        "teacher": {"geneval": {"overall": 0.5, "overall_se": 0.02}},
+        "student_1": {"geneval": {"overall": 0.52}, "percent_of_teacher": 104.0},
+        "student_4": {
+            "geneval": {"overall": 0.6, "overall_se": 0.021},
+            "percent_of_teacher": 120.0,
+            "fd_teacher": 3.5,
+            "fd_data": 2.25,
+            "diversity": 1.5,
+        },
+    }
+    lines = "\n".join(unfaithful_lines(rows))
+    assert "student 4 steps: not faithful to the teacher** — 120 %" in lines
+    assert "student 1 step" not in lines
+    cells = _compare_cells("student 4 steps", rows["student_4"])
+    assert "0.600 ± 0.021" in cells and cells[-3:] == ["3.50", "2.25", "1.50"]

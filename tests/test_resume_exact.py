@@ -16,6 +16,7 @@ from student_fixtures import (
     TinyTeacher,
     build_tiny_teacher,
     checkpoint_every,
+    couplings_args,
     cpu_student_config,
 )
 
@@ -73,26 +74,7 @@ def _student_config(name: str, tiny: TinyTeacher, out: Path) -> Path:
 
 def _couplings(tiny: TinyTeacher, out: Path) -> Path:
     """24 couplings of the tiny teacher (18 train: 4 batches of 4 per epoch)."""
-    run(
-        [
-            "couplings",
-            "-c",
-            str(CONFIGS / "student/reflow_couplings_shapes.yaml"),
-            "--teacher_config",
-            str(tiny.config),
-            "--teacher_ckpt",
-            str(tiny.ckpt),
-            "--cache",
-            str(tiny.cache),
-            "--out",
-            str(out),
-            "--num_samples=24",
-            "--shard_size=8",
-            "--batch_size=8",
-            "--device=cpu",
-            "--progress=false",
-        ]
-    )
+    run(couplings_args(tiny, out, num_samples=24, shard=8))
     return out
 
 

@@ -66,3 +66,11 @@ def test_training_learns_counts_and_writes_a_checked_folder(tmp_path):
 def test_missing_feature_network_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="fewstep shapes-features"):
         ShapesFeatureNet.load(tmp_path)
+
+
+def test_the_packaged_network_is_checked_and_counts_renders():
+    from fewstep.tools.shapes_features import count_accuracy
+
+    net = ShapesFeatureNet.load()  # fewstep/assets/shapes_features, sha256-checked
+    assert net.num_features == 128 and not any(p.requires_grad for p in net.parameters())
+    assert count_accuracy(net, ShapesWorld(size=None, seed=99), 100, degrade=True) >= 0.6

@@ -240,7 +240,7 @@ def test_validation_logs_scores_fidelity_speed_and_writes_the_table(teacher, tmp
             metrics
         )
         cats = {k.split("/")[-1] for k in metrics if k.startswith(f"val/{key}/geneval/")}
-        assert cats - {"overall"} <= set(CATEGORIES) and len(cats) >= 2
+        assert cats - {"overall", "overall_se"} <= set(CATEGORIES) and len(cats) >= 2
     for n in (1, 2):
         assert {f"val/student_{n}/{m}" for m in ("latent_mse", "psnr", "speedup")} <= set(metrics)
         assert metrics[f"val/student_{n}/nfe"] == n
@@ -255,6 +255,55 @@ def test_validation_logs_scores_fidelity_speed_and_writes_the_table(teacher, tmp
     events = EventAccumulator(str(tmp_path / "student"))
     events.Reload()
     assert "val/student_2/teacher_vs_student" in events.Tags()["images"]
+
+
+def test_validation_measures_distances_and_diversity_with_the_feature_network(teacher, tmp_path):
+    from fewstep.models.shapes_features import ShapesFeatureNet
+
+    torch.manual_seed(0)
+    features = ShapesFeatureNet(width=8)
+    with torch.no_grad():  # a random net with larger weights: features that vary visibly
+        for p in features.parameters():
+            p.mul_(4.0)
+    features.save(tmp_path / "features")
+    module = student(
+        teacher,
+        guidance_scale=1.0,
+        teacher_sampler=Euler(steps=2),
+        val_num_samples=4,
+        fidelity_features=str(tmp_path / "features"),
+        diversity_prompts=2,
+        diversity_seeds=3,
+    )
+    logger = TensorBoardLogger(tmp_path, name="student", version="")
+    metrics = trainer(1, tmp_path, logger=logger, limit_val_batches=1).validate(
+        module, data(teacher), verbose=False
+    )[0]
+    # student_2 is the teacher (same net, noise and sampler): zero distance, same diversity
+    assert metrics["val/student_2/fd_teacher"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["val/student_1/fd_teacher"] > 1e3 * max(
+        metrics["val/student_2/fd_teacher"], 1e-9
+    )
+    assert metrics["val/student_2/diversity"] == pytest.approx(metrics["val/teacher/diversity"])
+    assert metrics["val/teacher/diversity"] > 0.0
+    assert metrics["val/teacher/fd_data"] == pytest.approx(metrics["val/student_2/fd_data"])
+    assert not any(name.startswith("_features") for name, _ in module.named_modules())
+    table = (tmp_path / "student" / "eval_table.md").read_text()
+    assert "FD to teacher" in table and "diversity" in table and " ± " in table
+
+
+def test_students_above_110_percent_of_the_teacher_are_flagged():
+    from fewstep.lightning.student_eval import unfaithful_notes
+
+    table = {
+        "teacher": {"geneval/overall": 0.5},
+        "student_1": {"geneval/overall": 0.5, "score_ratio": 1.0},
+        "student_4": {"geneval/overall": 0.6, "score_ratio": 1.2},
+    }
+    notes = "\n".join(unfaithful_notes(table))
+    assert "student_4: not faithful to the teacher" in notes and "120 %" in notes
+    assert "student_1" not in notes
+    assert unfaithful_notes({"student_1": {"score_ratio": 1.1}}) == []
 
 
 def test_teacher_reference_defaults_come_from_the_teacher_config(teacher):

@@ -131,7 +131,7 @@ def test_validation_logs_geneval_scores(vae_dir):
     logged = metrics[0]
     assert "val/loss" in logged and logged["val/nfe"] == 2 * 2  # 2 Euler steps, CFG: 2 passes
     keys = {k.removeprefix("val/geneval/") for k in logged if k.startswith("val/geneval/")}
-    assert keys == {*CATEGORIES, "overall"}  # 6 samples cycle through the 6 categories
+    assert keys == {*CATEGORIES, "overall", "overall_se"}  # 6 samples cycle through the 6
     assert all(0.0 <= logged[f"val/geneval/{k}"] <= 1.0 for k in keys)
     assert module.val_geneval.total.sum() == 0  # reset after logging
 

@@ -144,8 +144,13 @@ class ShapesGenEval(Metric):
             self.correct[k] += int(score_image(tensor_to_hwc(image), spec)[0])
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """Accuracy per category, ``overall`` (their mean, as GenEval) and ``overall_se``, its
+        standard error over prompts: sqrt(sum_c p_c (1 - p_c) / n_c) / C."""
         seen = self.total > 0
         acc = self.correct.float() / self.total.clamp(min=1)
         out = {c: acc[k] for k, c in enumerate(CATEGORIES) if seen[k]}
-        out["overall"] = acc[seen].mean() if seen.any() else torch.tensor(float("nan"))
+        nan = torch.tensor(float("nan"))
+        out["overall"] = acc[seen].mean() if seen.any() else nan
+        variance = (acc * (1 - acc) / self.total.clamp(min=1))[seen]  # binomial, per category
+        out["overall_se"] = variance.sum().sqrt() / seen.sum() if seen.any() else nan
         return out

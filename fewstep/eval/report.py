@@ -32,7 +32,17 @@ DASH = "–"
 PLOT_NAME = "report_score_vs_nfe.png"
 GRID_TAG = re.compile(r"^val/student_(\d+)/teacher_vs_student$")
 CFG_PNG = re.compile(r"^step(\d+)_scale([^_]+)_steps(\d+)\.png$")
-ROW_METRICS = ("nfe", "ms_per_image", "speedup", "latent_mse", "psnr")
+ROW_METRICS = (
+    "nfe",
+    "ms_per_image",
+    "speedup",
+    "latent_mse",
+    "psnr",
+    "fd_teacher",
+    "fd_data",
+    "diversity",
+)
+FAITHFUL_MAX = 1.10  # a student above 1.10x its teacher's score is flagged as not faithful
 EPS = 1e-9
 
 # --- numbers -------------------------------------------------------------------------------------
@@ -66,7 +76,7 @@ def _scores(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     if not isinstance(metrics, dict):
         return {}
     out = {}
-    for name in (*CATEGORIES, "overall"):
+    for name in (*CATEGORIES, "overall", "overall_se"):
         x = _num(metrics.get(prefix + name))
         if x is not None:
             out[name] = x
@@ -569,7 +579,17 @@ COMPARE_HEADER = [
     "speed-up",
     "latent MSE",
     "PSNR (dB)",
+    "FD to teacher",
+    "FD to data",
+    "diversity",
 ]
+
+
+def _score_cell(geneval: dict[str, float]) -> str:
+    """The overall score with its standard error over prompts, when known."""
+    cell = _fmt(geneval.get("overall"))
+    se = geneval.get("overall_se")
+    return cell if se is None else f"{cell} ± {se:.3f}"
 
 
 def _compare_cells(name: str, row: dict[str, Any] | None) -> list[str]:
@@ -580,7 +600,7 @@ def _compare_cells(name: str, row: dict[str, Any] | None) -> list[str]:
     return [
         name,
         *(_fmt(geneval.get(c)) for c in CATEGORIES),
-        _fmt(geneval.get("overall")),
+        _score_cell(geneval),
         _fmt(row.get("percent_of_teacher"), ".1f", " %"),
         _fmt(row.get("nfe"), ".0f"),
         _fmt(row.get("nfe_reduction"), ".1f", "×"),
@@ -588,7 +608,25 @@ def _compare_cells(name: str, row: dict[str, Any] | None) -> list[str]:
         _fmt(row.get("speedup"), ".1f", "×"),
         _fmt(row.get("latent_mse"), ".4f"),
         _fmt(row.get("psnr"), ".2f"),
+        _fmt(row.get("fd_teacher"), ".2f"),
+        _fmt(row.get("fd_data"), ".2f"),
+        _fmt(row.get("diversity"), ".2f"),
     ]
+
+
+def unfaithful_lines(rows: dict[str, Any]) -> list[str]:
+    """A warning per student scoring above FAITHFUL_MAX x its teacher, with the reason."""
+    lines = []
+    for key, row in rows.items():
+        percent = (row or {}).get("percent_of_teacher")
+        if key != "teacher" and percent is not None and percent > 100 * FAITHFUL_MAX:
+            lines.append(
+                f"- **{_student_name(key)}: not faithful to the teacher** — {percent:.0f} % of "
+                f"the teacher's score (> {100 * FAITHFUL_MAX:.0f} %). A distilled student should "
+                "match its teacher, not beat it: it has moved towards the data or another mode "
+                "(compare its FD to the teacher and to the data)."
+            )
+    return ["", "### Warnings", "", *lines] if lines else []
 
 
 def _student_name(key: str) -> str:
@@ -610,9 +648,12 @@ def _compare_md(comp: dict[str, Any], bar: dict[str, Any]) -> list[str]:
         *_table(COMPARE_HEADER, body),
         "",
         f"Teacher reference from: {source}. Latent MSE and PSNR compare each student sample with "
-        "the teacher's sample from the same noise.",
+        "the teacher's sample from the same noise; FD is the Fréchet distance in shapes features "
+        "(to the teacher's samples, and to the data); diversity is the mean pairwise feature "
+        "distance over seeds of one prompt; ± is the standard error over prompts.",
         "",
         bar["text"],
+        *unfaithful_lines(comp["rows"]),
     ]
 
 

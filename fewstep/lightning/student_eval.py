@@ -21,13 +21,30 @@ from fewstep.data.prompts import CATEGORIES
 from fewstep.diffusion.samplers import Sampler
 from fewstep.eval.geneval import ShapesGenEval, specs_of, tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
+from fewstep.eval.metrics.fidelity import mean_pairwise_distance, shapes_fid
+from fewstep.models.shapes_features import ShapesFeatureNet
 from fewstep.utils.seeding import fixed_noise, mix_seed
+
+FAITHFUL_MAX = 1.10  # a student scoring above 1.10x its teacher is flagged as not faithful
 
 
 def psnr(images: Tensor, reference: Tensor) -> Tensor:
     """Per-image PSNR in dB [B] of images in [-1, 1] (peak-to-peak 2): 10 log10(4 / MSE)."""
     mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
+def unfaithful_notes(table: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown lines flagging every student that scores above FAITHFUL_MAX x its teacher."""
+    flagged = [k for k, row in table.items() if row.get("score_ratio", 0.0) > FAITHFUL_MAX]
+    notes = [
+        f"- **{key}: not faithful to the teacher** — it scores "
+        f"{100 * table[key]['score_ratio']:.0f} % of the teacher (> {100 * FAITHFUL_MAX:.0f} %): "
+        "a distilled student should match its teacher, not beat it; it has moved towards the "
+        "data or another mode (compare its FD to the teacher and to the data)."
+        for key in flagged
+    ]
+    return ["", "## Warnings", "", *notes] if notes else []
 
 
 class StudentEvaluation:
@@ -49,9 +66,42 @@ class StudentEvaluation:
 
     def on_validation_epoch_start(self) -> None:
         """Reset the sample budget, grids and accumulators."""
-        self._val_scored, self._grid, self._captions = 0, {}, []
+        self._val_scored, self._grid, self._captions, self._diversity = 0, {}, [], {}
         for metric in [*self.val_geneval.values(), *self.val_means.values()]:
             metric.reset()
+        for metric in self._fids().values():
+            metric.reset()
+
+    def _feature_net(self) -> ShapesFeatureNet | None:
+        """The frozen shapes feature network of ``fidelity_features`` ("packaged": the shipped
+        one), loaded once; None when distribution measures are off. Kept out of the module's
+        registered children, so it is never saved, optimised or EMA-averaged."""
+        path = self.hparams.get("fidelity_features")
+        if path is None:
+            return None
+        if getattr(self, "_features", None) is None:
+            net = ShapesFeatureNet.load(None if path == "packaged" else path)
+            self.__dict__["_features"] = net.to(self.device)
+        return self.__dict__["_features"]
+
+    def _fids(self) -> dict[str, Any]:
+        """Fréchet distances (torchmetrics FID, shapes features) by "<key>|<reference>":
+        teacher|data, and student_<n>|data and student_<n>|teacher per step count."""
+        net = self._feature_net()
+        if net is None:
+            return {}
+        if getattr(self, "_fid_metrics", None) is None:
+            pairs = ["teacher|data"]
+            pairs += [f"student_{n}|{ref}" for n in self.eval_steps for ref in ("data", "teacher")]
+            self.__dict__["_fid_metrics"] = {p: shapes_fid(net).to(self.device) for p in pairs}
+        return self.__dict__["_fid_metrics"]
+
+    def _update_fid(self, pair: str, images: Tensor | None, reference: Tensor | None) -> None:
+        """Feed one batch of generated images and their reference images to a distance."""
+        metric = self._fids().get(pair)
+        if metric is not None and images is not None and reference is not None:
+            metric.update(reference, real=True)
+            metric.update(images, real=False)
 
     def _timed(self, fn: Callable[[], Tensor], count: int) -> tuple[Tensor, float]:
         """fn()'s result and its wall time in ms per image (device-synchronised)."""
@@ -79,10 +129,13 @@ class StudentEvaluation:
             self.teacher_latents(text[:1], mask[:1], noise[:1])
             for n in self.eval_steps:
                 self.student_latents(text[:1], mask[:1], noise[:1], n)
+            self._measure_diversity(text, mask, tuple(x0.shape[1:]), indices)
         room = self.grid_samples - len(self._captions)
         self._captions += [batch["caption"][i] for i in rows[: max(room, 0)]]
         teacher, ms = self._timed(lambda: self.teacher_latents(text, mask, noise), len(rows))
         teacher_images = self._score("teacher", teacher, ms, specs)
+        data_images = self.decode(x0[rows]) if self._fids() else None
+        self._update_fid("teacher|data", teacher_images, data_images)
         for n in self.eval_steps:
             generator = torch.Generator(device=x0.device).manual_seed(
                 mix_seed(self.seed, 1 << 41, n, indices[0])
@@ -96,7 +149,38 @@ class StudentEvaluation:
             )
             if images is not None and teacher_images is not None:
                 self.val_means[f"student_{n}__psnr"].update(psnr(images, teacher_images))
+            self._update_fid(f"student_{n}|data", images, data_images)
+            self._update_fid(f"student_{n}|teacher", images, teacher_images)
         self._val_scored += len(rows)
+
+    def _measure_diversity(
+        self, text: Tensor, mask: Tensor, shape: tuple[int, ...], indices: list[int]
+    ) -> None:
+        """Mean pairwise feature distance over ``diversity_seeds`` noises of each of the first
+        ``diversity_prompts`` prompts, per eval key (mode collapse shows as a drop)."""
+        net, seeds = self._feature_net(), self.hparams.get("diversity_seeds", 8)
+        prompts = min(self.hparams.get("diversity_prompts", 4), len(indices))
+        if net is None or prompts == 0 or seeds < 2:
+            return
+        text, mask = (
+            text[:prompts].repeat_interleave(seeds, 0),
+            mask[:prompts].repeat_interleave(seeds, 0),
+        )
+        keys = [mix_seed(i, 1 << 42, j) for i in indices[:prompts] for j in range(seeds)]
+        noise = fixed_noise(shape, keys, self.seed, text.device)
+        for key in self.eval_keys:
+            if key == "teacher":
+                latents = self.teacher_latents(text, mask, noise)
+            else:
+                n = int(key.removeprefix("student_"))
+                generator = torch.Generator(device=text.device).manual_seed(mix_seed(self.seed, n))
+                latents = self.student_latents(text, mask, noise, n, generator)
+            images = self.decode(latents)
+            if images is None:
+                return
+            features = net(images).reshape(prompts, seeds, -1)  # [P*S, D] -> [P, S, D]
+            spread = [mean_pairwise_distance(f) for f in features]
+            self._diversity[key] = float(torch.stack(spread).mean())
 
     def _score(
         self, key: str, latents: Tensor, ms: float, specs: list[dict | None]
@@ -148,12 +232,26 @@ class StudentEvaluation:
                 if "ms_per_image" not in row:
                     continue  # nothing sampled this epoch
                 row["nfe"] = float(self._nfe(key))
+                row.update(self._distances(key))
                 table[key] = row
-        teacher_ms = table.get("teacher", {}).get("ms_per_image")
+        teacher = table.get("teacher", {})
         for key, row in table.items():
-            if key != "teacher" and teacher_ms is not None:
-                row["speedup"] = teacher_ms / max(row["ms_per_image"], 1e-9)
+            if key != "teacher" and "ms_per_image" in teacher:
+                row["speedup"] = teacher["ms_per_image"] / max(row["ms_per_image"], 1e-9)
+            if key != "teacher" and teacher.get("geneval/overall") and "geneval/overall" in row:
+                row["score_ratio"] = row["geneval/overall"] / teacher["geneval/overall"]
         return table
+
+    def _distances(self, key: str) -> dict[str, float]:
+        """fd_data, fd_teacher (Fréchet distances in shapes features) and diversity of a key."""
+        out = {}
+        for ref in ("data", "teacher"):
+            metric = self._fids().get(f"{key}|{ref}")
+            if metric is not None and int(metric.fake_features_num_samples) > 1:
+                out[f"fd_{ref}"] = float(metric.compute())
+        if key in self._diversity:
+            out["diversity"] = self._diversity[key]
+        return out
 
     def _sampler_of(self, key: str) -> Sampler:
         """The sampler behind an eval key ("teacher" or "student_<n>")."""
@@ -166,7 +264,8 @@ class StudentEvaluation:
         return self.teacher_nfe if key == "teacher" else self._sampler_of(key).nfe
 
     def eval_table_markdown(self, table: dict[str, dict[str, float]]) -> str:
-        """The validation table as markdown (one row per sampler setting)."""
+        """The validation table as markdown (one row per sampler setting), then the students
+        flagged as not faithful to the teacher."""
         cats = [c for c in CATEGORIES if any(f"geneval/{c}" in r for r in table.values())]
         header = [
             "model",
@@ -174,10 +273,14 @@ class StudentEvaluation:
             "NFE",
             "ms/image",
             "speed-up",
-            "GenEval",
+            "GenEval ± SE",
+            "% of teacher",
             *cats,
             "latent MSE",
             "PSNR (dB)",
+            "FD to teacher",
+            "FD to data",
+            "diversity",
         ]
 
         def fmt(row: dict[str, float], key: str, spec: str = ".3f") -> str:
@@ -188,26 +291,37 @@ class StudentEvaluation:
             "",
             f"Teacher: `{self.teacher_identity['ckpt']}` (sha256 "
             f"{self.teacher_identity['sha256'][:12]}), CFG scale {self.guidance_scale:g}; "
-            f"{self._val_scored} validation prompts, device {self.device.type}.",
+            f"{self._val_scored} validation prompts, device {self.device.type}. FD: Fréchet "
+            "distance in shapes features to the teacher's samples from the same noise and to the "
+            "data (VAE reconstructions); diversity: mean pairwise feature distance over seeds of "
+            "one prompt.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
         ]
         for key, row in table.items():
             sampler = self._sampler_of(key)
+            score = fmt(row, "geneval/overall")
+            if "geneval/overall_se" in row:
+                score += f" ± {row['geneval/overall_se']:.3f}"
+            ratio = f"{100 * row['score_ratio']:.0f} %" if "score_ratio" in row else "–"
             cells = [
                 key,
                 f"{type(sampler).__name__}({sampler.steps})",
                 fmt(row, "nfe", ".0f"),
                 fmt(row, "ms_per_image", ".2f"),
                 fmt(row, "speedup", ".1f"),
-                fmt(row, "geneval/overall"),
+                score,
+                "100 %" if key == "teacher" and "geneval/overall" in row else ratio,
                 *(fmt(row, f"geneval/{c}") for c in cats),
                 fmt(row, "latent_mse", ".4f"),
                 fmt(row, "psnr", ".2f"),
+                fmt(row, "fd_teacher", ".2f"),
+                fmt(row, "fd_data", ".2f"),
+                fmt(row, "diversity", ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + unfaithful_notes(table)) + "\n"
 
     def _log_grids(self) -> None:
         """Teacher | student pairs per step count, as captioned grids in TensorBoard."""

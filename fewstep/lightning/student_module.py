@@ -94,6 +94,9 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         student_network: nn.Module | None = None,
         grid_samples: int = 8,
+        fidelity_features: str | None = None,
+        diversity_prompts: int = 4,
+        diversity_seeds: int = 8,
     ) -> None:
         super().__init__()
         objects = ["method", "sampler", "teacher_sampler", "student_network"]
