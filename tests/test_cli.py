@@ -131,6 +131,7 @@ def test_command_line_setting_beats_the_checkpoints_hyperparameters(tmp_path):
             str(teacher.config),
             "--model.init_args.guidance_scale=1.0",
             "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",  # where LightningCLI saves config.yaml
             "--trainer.enable_progress_bar=false",
             "--ckpt_path",
             str(teacher.ckpt),
