@@ -34,6 +34,7 @@ test: install-dev
 lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 
 demo: install
 	$(PY) -m fewstep.demo

@@ -18,9 +18,9 @@ import yaml
 
 from fewstep.cli import run
 from fewstep.data.datamodule import CachedLatentDataModule
+from fewstep.lightning.checkpoints import load_module
 from fewstep.lightning.ema import EMA
 from fewstep.models.vae import VAE
-from fewstep.tools.export import load_module
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 LATENT_CHANNELS, LATENT_SIZE, TEXT_DIM = 8, 16, 384

@@ -149,7 +149,7 @@ class _RunsCode:
 
 
 def test_malicious_checkpoint_is_refused(tmp_path, capsys):
-    from fewstep.tools.export import load_checkpoint
+    from fewstep.lightning.checkpoints import load_checkpoint
 
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": _RunsCode()}, path)
@@ -159,7 +159,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, capsys):
 
 
 def test_truncated_checkpoint_error_names_the_file(tmp_path):
-    from fewstep.tools.export import load_checkpoint
+    from fewstep.lightning.checkpoints import load_checkpoint
 
     path = tmp_path / "cut.ckpt"
     torch.save({"state_dict": {"w": torch.randn(1000)}}, path)

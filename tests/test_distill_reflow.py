@@ -45,10 +45,10 @@ from fewstep.distill.reflow import (
     reflow_loss,
     straight_path,
 )
+from fewstep.lightning.checkpoints import load_module
 from fewstep.lightning.sampling import as_null_text, generate
 from fewstep.lightning.student_module import StudentModule
 from fewstep.tools.couplings import load_teacher
-from fewstep.tools.export import load_module
 from fewstep.utils.seeding import fixed_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,6 +24,7 @@ from fewstep.cli import run
 from fewstep.diffusion import DDIM, DDPM, DiscreteDDPM, DPMSolver2M, Euler, Heun, RectifiedFlow
 from fewstep.export.pixart_pipeline import EXPORT_RECORD, export_pixart_sigma_pipeline
 from fewstep.export.schedulers import diffusers_scheduler, pipeline_call_kwargs
+from fewstep.lightning.checkpoints import load_module
 from fewstep.lightning.ema import EMA
 from fewstep.lightning.teacher_module import TeacherModule
 from fewstep.models.dit_convert import state_dict_to_diffusers
@@ -35,7 +36,6 @@ from fewstep.models.pixart_io import (
 )
 from fewstep.models.text_encoder import TextEncoder
 from fewstep.models.vae import VAE
-from fewstep.tools.export import load_module
 
 TEXT_DIM, LENGTH, CHANNELS, SIZE = 32, 6, 4, 8  # tiny T5 width; latents 4 x 8 x 8
 # diffusers' DPM-Solver scheduler builds numpy arrays from tensors the numpy-1 way

@@ -30,11 +30,12 @@ from fewstep.distill.consistency import ConsistencyDistillation, lcm_boundary
 from fewstep.distill.reflow import Reflow
 from fewstep.export.pixart_pipeline import EXPORT_RECORD, export_student_pipeline
 from fewstep.export.schedulers import X0_TIMESTEP_SCALING, Boundary
+from fewstep.lightning.checkpoints import apply_ema, ema_state, load_module
 from fewstep.lightning.ema import EMA
 from fewstep.lightning.student_module import StudentModule
 from fewstep.models.dit_convert import state_dict_to_diffusers
 from fewstep.models.text_encoder import TextEncoder, default_text_encoder_path
-from fewstep.tools.export import apply_ema, ema_state, load_module, training_text_encoder
+from fewstep.tools.export import training_text_encoder
 
 STEPS = [1, 2, 4]
 pytestmark = [

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.sampling import (
     NullText,
     datamodule_null_text,
@@ -26,7 +27,6 @@ from fewstep.lightning.sampling import (
 from fewstep.lightning.student_eval import StudentEvaluation
 from fewstep.lightning.teacher_module import TeacherModule, default_optimizer
 from fewstep.models.vae import VAE
-from fewstep.tools.export import load_trained
 from fewstep.utils.fingerprint import weights_hash
 from fewstep.utils.seeding import mix_seed
 

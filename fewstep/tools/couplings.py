@@ -14,8 +14,8 @@ from fewstep.data.cache import LatentCache
 from fewstep.data.cache_builder import describe_dataset
 from fewstep.data.couplings import build_couplings
 from fewstep.diffusion.samplers import Sampler
+from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.sampling import as_null_text, generate
-from fewstep.tools.export import load_trained
 from fewstep.utils.fingerprint import weights_hash
 
 
