@@ -6,6 +6,7 @@ fewstep cache -c configs/cache/shapes.yaml    # build a latent/text cache
 fewstep export -c FIT.yaml --ckpt_path last.ckpt --out DIR  # teacher/student as a pipeline
 fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (noise, sample)
 fewstep shapes-features --out fewstep/assets/shapes_features  # the FID feature network
+fewstep ship --config FIT.yaml --ckpt_path last.ckpt --out fewstep/assets/NAME  # a shipped teacher
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ def _tools() -> dict[str, Callable]:
     from fewstep.tools.shapes_features import train as train_shapes_features
 
     tools["shapes-features"] = train_shapes_features
+    from fewstep.tools.ship import ship
+
+    tools["ship"] = ship
     return tools
 
 
-TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features")
+TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features", "ship")
 
 
 def run_tool(name: str, args: list[str]) -> object:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
-from fewstep.lightning.checkpoints import load_trained
+from fewstep.lightning.checkpoints import load_module, load_trained
 from fewstep.lightning.sampling import (
     NullText,
     datamodule_null_text,
@@ -28,6 +29,7 @@ from fewstep.lightning.student_eval import StudentEvaluation
 from fewstep.lightning.teacher_module import TeacherModule, default_optimizer
 from fewstep.models.vae import VAE
 from fewstep.utils.fingerprint import weights_hash
+from fewstep.utils.manifest import verify_shipped
 from fewstep.utils.seeding import mix_seed
 
 TEACHER_PREFIX = "teacher."
@@ -37,9 +39,14 @@ class TeacherMismatchError(RuntimeError):
     """The teacher weights differ from those the student checkpoint was distilled from."""
 
 
-def load_teacher(config: str, ckpt: str, use_ema: bool = True) -> pl.LightningModule:
+def load_teacher(config: str, ckpt: str | None, use_ema: bool = True) -> pl.LightningModule:
     """The teacher LightningModule of a fit YAML (its ``model:`` section) with the checkpoint's
-    weights, the EMA average in place when ``use_ema``; frozen (requires_grad False, eval)."""
+    weights, the EMA average in place when ``use_ema``; frozen (requires_grad False, eval).
+    Without ``ckpt`` the config's network carries its own weights (e.g. a shipped teacher's
+    ``PretrainedDiT``)."""
+    if ckpt is None:
+        verify_shipped(Path(config).parent)  # a shipped teacher: one clear error if changed
+        return load_module(config).requires_grad_(False).eval()
     hint = "set model.init_args.use_teacher_ema=false to distill the raw trained weights."
     module, _, _ = load_trained(config, ckpt, use_ema, "StudentModule teacher_ckpt", hint)
     return module.requires_grad_(False).eval()
@@ -76,7 +83,7 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
     def __init__(
         self,
         teacher_config: str,
-        teacher_ckpt: str,
+        teacher_ckpt: str | None,
         method: DistillationMethod,
         sampler: Sampler,
         eval_steps: list[int] | None = None,

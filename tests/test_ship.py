@@ -1,0 +1,65 @@
+"""`fewstep ship`: a trained teacher as a checked, shipped folder that students load directly."""
+
+import json
+
+import pytest
+import torch
+from student_fixtures import build_tiny_teacher
+
+from fewstep.cli import run
+from fewstep.lightning.checkpoints import load_trained
+from fewstep.lightning.student_module import load_teacher
+from fewstep.utils.manifest import ShippedModelError
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    teacher = build_tiny_teacher(tmp_path_factory.mktemp("ship_teacher"), "flow")
+    out = tmp_path_factory.mktemp("assets") / "reference"
+    info = json.dumps({"score": {"overall": 0.5, "prompts": 4}, "train_seconds": 1.0})
+    args = ["--config", str(teacher.config), "--ckpt_path", str(teacher.ckpt), "--out", str(out)]
+    run(["ship", *args, "--info", info])
+    return teacher, out
+
+
+def test_shipped_teacher_loads_without_a_checkpoint_and_equals_the_trained_one(shipped):
+    teacher, out = shipped
+    trained, _, weights = load_trained(teacher.config, teacher.ckpt, ema=True)
+    assert weights == "ema"
+    loaded = load_teacher(str(out / "teacher.yaml"), None)
+    mine, theirs = loaded.network.state_dict(), trained.network.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert loaded.guidance_scale == trained.guidance_scale
+    assert type(loaded.process) is type(trained.process)
+    assert loaded.vae_path == f"{out}/vae"
+
+
+def test_manifest_holds_recipe_score_and_every_file(shipped):
+    _, out = shipped
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["score"] == {"overall": 0.5, "prompts": 4}
+    assert manifest["recipe"]["weights"] == "ema" and "model" in manifest["recipe"]["fit_config"]
+    assert {"teacher.yaml", "vae/config.json", "transformer/config.json"} <= set(manifest["files"])
+
+
+def test_a_changed_shipped_weight_is_one_clear_error(shipped, tmp_path):
+    teacher, _ = shipped
+    copy = tmp_path / "reference"
+    run(
+        [
+            "ship",
+            "--config",
+            str(teacher.config),
+            "--ckpt_path",
+            str(teacher.ckpt),
+            "--out",
+            str(copy),
+        ]
+    )
+    weights = next((copy / "transformer").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ShippedModelError, match="transformer/.*safetensors has sha256"):
+        load_teacher(str(copy / "teacher.yaml"), None)
