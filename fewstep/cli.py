@@ -23,7 +23,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from fewstep.lightning.final_checkpoint import save_final_last_checkpoints
+from fewstep.lightning.final_checkpoint import FinalLastCheckpoint
 from fewstep.lightning.interrupt import GracefulStop, exit_status
 from fewstep.lightning.nonfinite import NonFiniteGuard
 
@@ -54,6 +54,13 @@ def _tools() -> dict[str, Callable]:
 
 
 TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features", "ship")
+TOP_HELP = (
+    "fewstep: train a latent DiT teacher and distil it into a 1-4 step student. Training and "
+    "evaluation: fit, validate, test, predict (LightningCLI, below). Tools, each with its own "
+    "--help: shapes (render and score the shapes world), cache (latent/text cache), couplings "
+    "(teacher noise-sample pairs), export (a diffusers pipeline), shapes-features (train the "
+    "feature network), ship (package a teacher as a shipped model)."
+)
 
 
 def run_tool(name: str, args: list[str]) -> object:
@@ -107,16 +114,13 @@ class FewstepCLI(LightningCLI):
     def before_fit(self) -> None:
         """A first SIGINT/SIGTERM ends the fit after the current batch (GracefulStop); steps
         with NaN/inf gradients are skipped (NonFiniteGuard, default settings unless the config
-        lists one)."""
+        lists one); ``last.ckpt`` holds the final step (FinalLastCheckpoint: Lightning leaves it
+        at the last step-triggered save when max_steps is not a multiple of the interval)."""
         callbacks = self.trainer.callbacks
-        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
-            callbacks.append(NonFiniteGuard())
+        for kind in (NonFiniteGuard, FinalLastCheckpoint):
+            if not any(isinstance(c, kind) for c in callbacks):
+                callbacks.append(kind())
         callbacks.append(GracefulStop())
-
-    def after_fit(self) -> None:
-        """``last.ckpt`` holds the final step (Lightning leaves it at the last step-triggered
-        save when max_steps is not a multiple of every_n_train_steps)."""
-        save_final_last_checkpoints(self.trainer)
 
 
 def run(args: list[str] | None = None) -> object:
@@ -133,7 +137,8 @@ def run(args: list[str] | None = None) -> object:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        parser_kwargs={"description": TOP_HELP},
+        args=argv if args is not None else None,  # None: LightningCLI reads sys.argv itself
     )
 
 

@@ -40,8 +40,10 @@ def test_console_script_help_lists_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "fewstep.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("fit", "validate", "test", "predict"):
+    for command in ("fit", "validate", "test", "predict", "shapes", "cache", "couplings"):
         assert command in out
+    for tool in ("export", "shapes-features", "ship"):
+        assert tool in out
 
 
 def test_bad_tool_argument_is_one_clear_error(capsys):
@@ -116,6 +118,7 @@ def test_interrupted_fit_writes_last_checkpoint_and_exits_128_plus_signal(tmp_pa
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert 2 <= last["global_step"] < 100000
     assert "Traceback" not in err.decode()
+    assert "args parameter" not in err.decode()  # LightningCLI reads sys.argv itself
 
 
 def test_command_line_setting_beats_the_checkpoints_hyperparameters(tmp_path):

@@ -265,3 +265,21 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, tiny_cache, tiny_vae_dir
     assert steps["last.ckpt"] == 3 and 2 in steps.values()  # the step-2 save is kept
     last = torch.load(next(p for p in checkpoints if p.name == "last.ckpt"), weights_only=False)
     assert any("ModelCheckpoint" in key for key in last["callbacks"])  # callback states too
+
+
+def test_a_plain_trainer_gets_the_final_step_with_the_callback(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from fewstep.lightning.final_checkpoint import FinalLastCheckpoint
+
+    every_two = pl.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True)
+    trainer = pl.Trainer(
+        max_steps=3,
+        callbacks=[every_two, FinalLastCheckpoint()],
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(BoringModel())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
 def stale_last_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
@@ -24,9 +23,9 @@ def stale_last_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
 
 
 def save_final_last_checkpoints(trainer: pl.Trainer) -> list[str]:
-    """After a finished fit, rewrite each stale ``last.ckpt`` at the final step (EMA and the
+    """When training ends, rewrite each stale ``last.ckpt`` at the final step (EMA and the
     other callbacks' state included); returns the paths written."""
-    if trainer.state.status != TrainerStatus.FINISHED or trainer.global_step == 0:
+    if trainer.global_step == 0 or trainer.sanity_checking:
         return []
     written = []
     for callback in stale_last_checkpoints(trainer):
@@ -38,3 +37,13 @@ def save_final_last_checkpoints(trainer: pl.Trainer) -> list[str]:
         callback.last_model_path = str(path)
         written.append(str(path))
     return written
+
+
+class FinalLastCheckpoint(Callback):
+    """Add to any Trainer with a ``ModelCheckpoint(save_last=True)``: when training ends (at
+    max_steps, or stopped by GracefulStop), ``last.ckpt`` holds that step. ``fewstep fit``
+    adds it."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rewrite a stale ``last.ckpt`` at the final step."""
+        save_final_last_checkpoints(trainer)
