@@ -21,14 +21,13 @@ from fewstep.diffusion import (
     Euler,
     RectifiedFlow,
 )
+from fewstep.diffusion.consistency import lcm_boundary
 from fewstep.distill import DistillBatch, Models
 from fewstep.distill.consistency import (
     ConsistencyDistillation,
     consistency_loss,
     ddim_solver_step,
     euler_solver_step,
-    guided_teacher,
-    lcm_boundary,
     skipping_schedule,
 )
 from fewstep.models.dit import DiT
@@ -140,10 +139,10 @@ def test_guidance_fold_is_the_conditional_teacher_at_scale_one_and_cfg_per_sampl
     cond, uncond = conditions()
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([0.9, 0.5, 0.2])
     with torch.no_grad():
-        one = guided_teacher(teacher, x, t, torch.ones(3), cond, uncond)
+        one = ClassifierFreeGuidance(teacher, torch.ones(3), cond, uncond)(x, t)
         plain = teacher(x, t, **cond)
         assert torch.equal(one.x0, plain.x0) and torch.equal(one.eps, plain.eps)
-        mixed = guided_teacher(teacher, x, t, torch.tensor([1.0, 3.0, 5.0]), cond, uncond)
+        mixed = ClassifierFreeGuidance(teacher, torch.tensor([1.0, 3.0, 5.0]), cond, uncond)(x, t)
         for i, scale in enumerate([1.0, 3.0, 5.0]):
             ref = ClassifierFreeGuidance(teacher, scale, cond, uncond)(x, t)
             torch.testing.assert_close(mixed.x0[i], ref.x0[i])

@@ -34,6 +34,7 @@ from fewstep.diffusion.flow_frame import (
     frame_scale,
     process_time,
 )
+from fewstep.diffusion.losses import pseudo_huber
 from fewstep.diffusion.parameterization import PredictionType, from_x0_eps, x0_error_scale
 from fewstep.diffusion.schedules import NoiseProcess, broadcast
 from fewstep.distill.base import DistillBatch, Models
@@ -41,7 +42,6 @@ from fewstep.distill.reflow import (
     Reflow,
     distill_loss,
     one_step_sample,
-    pseudo_huber,
     reflow_loss,
     straight_path,
 )

@@ -26,7 +26,8 @@ from torch import Tensor
 from fewstep.cli import run
 from fewstep.data.datamodule import CachedLatentDataModule
 from fewstep.diffusion import Consistency, DiscreteDDPM, Euler
-from fewstep.distill.consistency import ConsistencyDistillation, lcm_boundary
+from fewstep.diffusion.consistency import lcm_boundary
+from fewstep.distill.consistency import ConsistencyDistillation
 from fewstep.distill.reflow import Reflow
 from fewstep.export.pixart_pipeline import EXPORT_RECORD, export_student_pipeline
 from fewstep.export.schedulers import X0_TIMESTEP_SCALING, Boundary

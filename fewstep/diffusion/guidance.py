@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoised, Denoiser, batch_time
-from fewstep.diffusion.schedules import NoiseProcess
+from fewstep.diffusion.schedules import NoiseProcess, broadcast
 
 
 def _pad_seq(x: Tensor, length: int) -> Tensor:
@@ -42,10 +42,11 @@ def batch_conditions(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict
 class ClassifierFreeGuidance:
     """D = D_u + s (D_c - D_u) (Ho & Salimans 2022, eq. 6 with s = 1 + w), cond and uncond in one
     batched forward. Combining (x0, eps) equals combining eps or velocity as PixArt does, since
-    both are affine in the prediction at fixed x_t. Scale 1 skips the unconditional pass."""
+    both are affine in the prediction at fixed x_t. ``scale`` is a float or a per-sample [B]
+    tensor (LCM eq. 12, w = s - 1); a scale of 1 everywhere skips the unconditional pass."""
 
     denoiser: Denoiser
-    scale: float
+    scale: float | Tensor
     cond: dict[str, Tensor]
     uncond: dict[str, Tensor]
 
@@ -56,11 +57,12 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Denoised:
         """The guided estimate; one network call with batch 2B (or B at scale 1)."""
-        if self.scale == 1.0:
+        if bool((torch.as_tensor(self.scale) == 1.0).all()):
             return self.denoiser(x, t, **self.cond)
         t = batch_time(t, x)
         both = self.denoiser(
             torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(self.cond, self.uncond)
         )
         (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)  # [2B] -> 2 x [B]
-        return Denoised(x0_u + self.scale * (x0_c - x0_u), eps_u + self.scale * (eps_c - eps_u))
+        s = broadcast(self.scale, x0_c) if torch.is_tensor(self.scale) else self.scale
+        return Denoised(x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u))

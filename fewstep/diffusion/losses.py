@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoiser
@@ -40,3 +42,12 @@ def min_snr_weights(
     loss on `prediction` (eps: min(SNR, g)/SNR; v on VP: min(SNR, g)/(SNR + 1))."""
     snr = (alpha / sigma) ** 2
     return snr.clamp(max=gamma) * x0_error_scale(alpha, sigma, prediction) ** 2
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
+    """Per-sample [B] sqrt(||a - b||^2 + c^2) - c over all but the batch dim, c = 0.00054
+    sqrt(dim) by default (Song & Dhariwal 2023, iCT §3.3); exactly 0 when a == b. LCM's
+    elementwise form is this on [N, 1] rows, averaged."""
+    diff = (a.float() - b.float()).flatten(1)  # [B, ...] -> [B, d]
+    c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
+    return (diff.pow(2).sum(1) + c * c).sqrt() - c

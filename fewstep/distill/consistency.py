@@ -7,14 +7,15 @@ of θ (the target network). Sampled in 1-4 steps by `fewstep.diffusion.samplers.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.denoiser import Denoised, Denoiser, batch_time
-from fewstep.diffusion.guidance import batch_conditions
+from fewstep.diffusion.consistency import ConsistencyDenoiser
+from fewstep.diffusion.denoiser import Denoised, Denoiser
+from fewstep.diffusion.guidance import ClassifierFreeGuidance
+from fewstep.diffusion.losses import pseudo_huber
 from fewstep.diffusion.schedules import NoiseProcess, RectifiedFlow, broadcast
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 
@@ -24,85 +25,13 @@ Loss = Literal["huber", "l2"]
 GuidanceScale = float | tuple[float, float]
 
 
-def lcm_boundary(
-    t: Tensor, process: NoiseProcess, sigma_data: float = 0.5, timestep_scaling: float = 10.0
-) -> tuple[Tensor, Tensor]:
-    """(c_skip, c_out) = (σ_d² / (Δ² + σ_d²), Δ / sqrt(Δ² + σ_d²)), Δ = timestep_scaling ·
-    (model_time(t) - model_time(t_clean)) (Song et al. 2023, eq. 7 / App. C; LCM's
-    scaled form): c_skip = 1 and c_out = 0 exactly at t = t_clean."""
-    t = t.to(torch.float64)
-    clean = torch.full_like(t, process.t_clean)
-    delta = timestep_scaling * (process.model_time(t) - process.model_time(clean))
-    denom = delta**2 + sigma_data**2
-    return sigma_data**2 / denom, delta / denom.sqrt()
-
-
-@dataclass(eq=False)
-class ConsistencyDenoiser(Denoiser):
-    """The student as a consistency function f(x, t) = c_skip(t) x + c_out(t) x̂0_θ(x, t).
-
-    boundary "lcm": c_skip, c_out of `lcm_boundary`. boundary "x0": c_skip = 0, c_out = 1, i.e.
-    f = x̂0_θ; for a rectified flow with velocity prediction this is f(x, t) = x - t v_θ(x, t)
-    (c_skip = 1, c_out = -t on v), exact at t = 0 with no scaling constant (likewise for ε/v
-    prediction, since sigma(t_clean) = 0 and alpha(t_clean) = 1). Either way f(x, t_clean) = x.
-    With `guidance` set (a w-conditioned student) it is passed to the network as the CFG scale
-    unless the call gives ``guidance=`` itself. eps is re-derived from x = alpha f + sigma eps.
-    """
-
-    boundary: Literal["lcm", "x0"] = "lcm"
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
-    guidance: float | None = None
-
-    def __call__(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Denoised:
-        """The boundary-conditioned estimate (x0 = f(x, t), eps consistent with it)."""
-        t = batch_time(t, x)
-        if self.guidance is not None and "guidance" not in cond:
-            cond["guidance"] = torch.full((x.shape[0],), self.guidance, device=x.device)
-        d = super().__call__(x, t, **cond)
-        x = x.to(d.x0.dtype)
-        if self.boundary == "lcm":
-            c_skip, c_out = lcm_boundary(t, self.process, self.sigma_data, self.timestep_scaling)
-            x0 = broadcast(c_skip, x) * x + broadcast(c_out, x) * d.x0
-        else:
-            x0 = d.x0
-        alpha, sigma = (broadcast(c, x) for c in self.process.alpha_sigma(t))
-        eps = torch.where(sigma > 0, (x - alpha * x0) / sigma.clamp(min=1e-12), d.eps)
-        return Denoised(x0, eps)
-
-
-def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
-    """mean(sqrt((pred - target)² + c²) - c), elementwise (Song & Dhariwal 2023, iCT §3.3; LCM's
-    code); exactly 0 when pred == target."""
-    diff = pred.float() - target.float()
-    return (torch.sqrt(diff * diff + c * c) - c).mean()
-
-
 def consistency_loss(pred: Tensor, target: Tensor, kind: Loss = "huber", c: float = 1e-3) -> Tensor:
     """Distance d(f_θ, f_θ⁻) of LCM eq. 10: pseudo-Huber with constant c, or mean squared error."""
-    if kind == "huber":
-        return pseudo_huber(pred, target, c)
+    if kind == "huber":  # LCM's elementwise pseudo-Huber: each element a row of one
+        return pseudo_huber(pred.reshape(-1, 1), target.reshape(-1, 1), c).mean()
     if kind == "l2":
         return (pred.float() - target.float()).pow(2).mean()
     raise ValueError(f"ConsistencyDistillation: loss must be 'huber' or 'l2', got {kind!r}")
-
-
-def guided_teacher(
-    teacher: Denoiser,
-    x: Tensor,
-    t: Tensor,
-    scale: Tensor,
-    cond: dict[str, Tensor],
-    uncond: dict[str, Tensor],
-) -> Denoised:
-    """CFG with a per-sample scale s [B]: D = D_u + s (D_c - D_u) (Ho & Salimans 2022, eq. 6;
-    LCM eq. 12 with w = s - 1), cond and uncond in one 2B batch; s ≡ 1 is the conditional pass."""
-    if bool((scale == 1.0).all()):
-        return teacher(x, t, **cond)
-    both = teacher(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(cond, uncond))
-    (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)  # [2B] -> 2 x [B]
-    s = broadcast(scale, x0_c)
-    return Denoised(x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u))
 
 
 def ddim_solver_step(d: Denoised, s: Tensor, process: NoiseProcess) -> Tensor:
@@ -305,7 +234,7 @@ class ConsistencyDistillation(DistillationMethod):
         student = self.consistency_function(models.student)
         pred = student(x_t, t, **cond, **extra).x0
         with torch.no_grad():
-            guided = guided_teacher(models.teacher, x_t, t, scale, cond, batch.uncond)
+            guided = ClassifierFreeGuidance(models.teacher, scale, cond, batch.uncond)(x_t, t)
             x_s = self.solver_step(guided, x_t, t, s, process).to(x0.dtype)
             target_net = self._target_on(models.student.net)
             target = self.consistency_function(

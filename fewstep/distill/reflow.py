@@ -13,7 +13,6 @@ its (x0, eps) come from `parameterization.to_x0_eps`, and the sampler walks s wi
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.flow_frame import as_flow, flow_time, network_input
+from fewstep.diffusion.losses import pseudo_huber
 from fewstep.diffusion.parameterization import from_x0_eps
 from fewstep.diffusion.schedules import broadcast
 from fewstep.diffusion.timesteps import TimestepSampler, Uniform
@@ -75,14 +75,6 @@ def reflow_loss(
 def one_step_sample(student: Denoiser, z: Tensor, **cond: Tensor) -> Tensor:
     """The student's one-step Euler sample from z at s = 1: z - (eps - x0) = x0(z, 1)."""
     return as_flow(student)(z, torch.tensor(1.0), **cond).x0
-
-
-def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
-    """Per-sample sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim) by default (Song & Dhariwal
-    2023, §3.3: the LPIPS-free distance of improved consistency training)."""
-    diff = (a - b).flatten(1)  # [B, ...] -> [B, d]
-    c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
-    return (diff.pow(2).sum(1) + c * c).sqrt() - c
 
 
 def distill_loss(

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fewstep.diffusion.consistency import ConsistencyDenoiser, lcm_boundary
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.flow_frame import FlowTime
 from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import DDIM, DDPM, Consistency, DPMSolver2M, Euler, Heun, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
-from fewstep.distill.consistency import ConsistencyDenoiser, lcm_boundary
 from fewstep.models.pixart_io import BINNED_SAMPLE_SIZES
 
 
