@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fewstep.utils.atomic import write_text_atomic
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -98,10 +100,7 @@ def _load_results() -> dict[str, Any]:
 
 def _save_results(results: dict[str, Any]) -> None:
     """Write ``results.json`` atomically."""
-    path = active_profile().results
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_text_atomic(active_profile().results, json.dumps(results, indent=2))
 
 
 def stage_shapes() -> dict[str, Any]:
@@ -180,7 +179,7 @@ def stage_student() -> dict[str, Any]:
 
 def stage_report() -> dict[str, Any]:
     """Write <run>/report.md: tables, teacher-vs-student grids, score-vs-NFE plot."""
-    from fewstep.eval.report import write_report
+    from fewstep.report import write_report
 
     run_dir = active_profile().run_dir
     results = _load_results()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fewstep.data.prompts import CATEGORIES
-from fewstep.eval.report import write_report
+from fewstep.report import write_report
 
 TEACHER_CATS = dict(zip(CATEGORIES, (0.95, 0.85, 0.75, 0.9, 0.6, 0.75), strict=True))  # mean 0.8
 
@@ -221,7 +221,7 @@ def test_reused_fit_time_counts_in_the_stage_row(tmp_path):
 
 
 def test_report_flags_students_above_110_percent_and_shows_spread():
-    from fewstep.eval.report import _compare_cells, unfaithful_lines
+    from fewstep.report.markdown import _compare_cells, unfaithful_lines
 
     rows = {
         "teacher": {"geneval": {"overall": 0.5, "overall_se": 0.02}},

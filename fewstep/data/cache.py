@@ -32,6 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fewstep.utils.atomic import write_text_atomic
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BUILD_CONFIG = "build.json"
@@ -81,11 +83,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    _fsync_write(tmp, lambda f: f.write(text.encode()))
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically (never half-written)."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any]:
