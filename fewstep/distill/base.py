@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.samplers import Sampler
 from fewstep.diffusion.schedules import NoiseProcess
 
 
@@ -43,6 +44,10 @@ class Models:
     student: Denoiser  # over the TRAINABLE student network
     teacher: Denoiser  # over the frozen teacher network (requires_grad False, eval mode)
     process: NoiseProcess  # the teacher's process (DiscreteDDPM or RectifiedFlow)
+    # The StudentModule owns these settings; methods read them here, never restate them:
+    student_sampler: Sampler | None = None  # the student's sampler (its step grid)
+    teacher_sampler: Sampler | None = None  # the teacher's reference sampler
+    guidance_scale: float = 1.0  # the teacher's reference CFG scale
 
 
 class DistillationMethod(nn.Module):

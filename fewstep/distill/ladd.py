@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.samplers import Sampler
-from fewstep.diffusion.schedules import NoiseProcess, Spacing
+from fewstep.diffusion.schedules import NoiseProcess
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.models.discriminator import hinge_d_loss, hinge_g_loss
@@ -46,23 +46,6 @@ def unit_to_process_time(u: Tensor, process: NoiseProcess) -> Tensor:
     return process.t_clean + u * (process.t_max - process.t_clean)
 
 
-def student_grid(
-    process: NoiseProcess, steps: int, spacing: Spacing, explicit: list[float] | None
-) -> Tensor:
-    """The student's N process times (float64, descending), as its Sampler walks them: explicit
-    ones if given (checked to lie in (t_clean, t_max]), else process.timesteps(N, spacing)."""
-    if explicit is None:
-        return process.timesteps(steps, spacing)[:-1]
-    times = torch.tensor(explicit, dtype=torch.float64)
-    descending = bool((times[:-1] > times[1:]).all())
-    if not descending or times[-1] <= process.t_clean or times[0] > process.t_max:
-        raise ValueError(
-            f"LADD student_timesteps {explicit} must be strictly descending in "
-            f"({process.t_clean}, {process.t_max}] for {type(process).__name__}"
-        )
-    return times
-
-
 def mean_over_heads(losses: Sequence[Tensor]) -> Tensor:
     """The average of per-head losses (each head sees one teacher block, LADD §3)."""
     return torch.stack(list(losses)).mean()
@@ -75,8 +58,9 @@ class LADD(DistillationMethod):
     ``renoise`` draws unit times u in [0, 1] (LogitNormal(1, 1) by default, LADD §3
     favours high noise) mapped onto the teacher's process time. ``real`` picks the discriminator's
     real examples: cached data latents or CFG teacher samples (LADD §3, synthetic data). The
-    student's grid (``student_steps`` + ``spacing``, or explicit ``student_timesteps``) must be the
-    one the StudentModule's ``sampler`` walks; 1 and 2 trailing steps are subsets of 4.
+    student's input times are the grid of the StudentModule's ``sampler`` and teacher samples use
+    its reference ``teacher_sampler`` and ``guidance_scale`` (read from ``Models`` in ``setup``:
+    one owner per setting).
     """
 
     num_optimizers: ClassVar[int] = 2
@@ -84,16 +68,11 @@ class LADD(DistillationMethod):
     def __init__(
         self,
         feature_blocks: list[int] | None = None,
-        student_steps: int = 4,
-        spacing: Spacing = "trailing",
-        student_timesteps: list[float] | None = None,
         student_timestep_weights: list[float] | None = None,
         renoise: TimestepSampler | None = None,
         real: RealSource = "data",
         adv_weight: float = 1.0,
         distill_weight: float = 0.0,
-        teacher_sampler: Sampler | None = None,
-        guidance_scale: float = 3.0,
         teacher_samples_per_step: int = 4,
         head_hidden: int = 128,
         head_cond_dim: int = 128,
@@ -101,23 +80,15 @@ class LADD(DistillationMethod):
         stop_after_last_block: bool = True,
     ) -> None:
         super().__init__()
-        if student_timesteps is not None:
-            student_steps = len(student_timesteps)
-        _check_args(student_steps, student_timestep_weights, real, teacher_samples_per_step)
-        if (real == "teacher" or distill_weight > 0) and teacher_sampler is None:
-            raise ValueError(
-                f"LADD: real={real!r} / distill_weight={distill_weight} needs teacher samples; set "
-                "model.init_args.method.init_args.teacher_sampler (e.g. Euler with 20 steps)."
-            )
+        _check_args(student_timestep_weights, real, teacher_samples_per_step)
         self.feature_blocks = feature_blocks
-        self.student_steps, self.spacing = student_steps, spacing
-        self.student_timesteps = student_timesteps
-        weights = student_timestep_weights or [1.0] * student_steps
-        self.student_timestep_weights = torch.tensor(weights, dtype=torch.float64)
+        self.weights_given = student_timestep_weights
+        self.student_timestep_weights = torch.empty(0, dtype=torch.float64)  # set in setup
         self.renoise = renoise if renoise is not None else LogitNormal(mean=1.0, std=1.0)
         self.real = real
         self.adv_weight, self.distill_weight = adv_weight, distill_weight
-        self.teacher_sampler, self.guidance_scale = teacher_sampler, guidance_scale
+        self.teacher_sampler: Sampler | None = None  # the StudentModule's, set in setup
+        self.guidance_scale = 1.0
         self.teacher_samples_per_step = teacher_samples_per_step
         self.head_hidden, self.head_cond_dim = head_hidden, head_cond_dim
         self.head_kernel_size = head_kernel_size
@@ -141,9 +112,11 @@ class LADD(DistillationMethod):
                 "config()) to provide discriminator features."
             )
         self.block_indices = resolve_blocks(self.feature_blocks, len(blocks))
-        self.student_times = student_grid(
-            models.process, self.student_steps, self.spacing, self.student_timesteps
+        self.student_times = student_grid(models)
+        self.student_timestep_weights = timestep_weights(
+            self.weights_given, len(self.student_times)
         )
+        self.teacher_sampler, self.guidance_scale = models.teacher_sampler, models.guidance_scale
         if self.heads is None:
             device = next(net.parameters()).device
             self.heads = FeatureDiscriminatorHeads(
@@ -202,7 +175,7 @@ class LADD(DistillationMethod):
         if self._teacher is not None and self._teacher[0] is batch:
             return self._teacher[1], self._teacher[2]
         if self.teacher_sampler is None:
-            raise RuntimeError("LADD: teacher samples need teacher_sampler.")
+            raise RuntimeError("LADD: teacher samples need the StudentModule's teacher_sampler.")
         k = min(self.teacher_samples_per_step, batch.latents.shape[0])
         noise = randn((k, *batch.latents.shape[1:]), batch.latents, batch.generator)
         cond = {key: v[:k] for key, v in batch.cond.items()}
@@ -312,13 +285,28 @@ class LADD(DistillationMethod):
             return self.student_x0(batch, models)[0].detach()
 
 
-def _check_args(steps: int, weights: list[float] | None, real: str, samples_per_step: int) -> None:
-    """Clear errors for a bad LADD config, naming the field."""
-    if steps < 1:
-        raise ValueError(f"LADD student_steps must be >= 1, got {steps}")
-    if weights is not None and (len(weights) != steps or min(weights) < 0 or sum(weights) <= 0):
+def student_grid(models: Models) -> Tensor:
+    """The student's N input times (float64, descending): the grid its sampler walks."""
+    if models.student_sampler is None:
+        raise ValueError("LADD needs the StudentModule's sampler (Models.student_sampler).")
+    return models.student_sampler.timesteps(models.process)[:-1].to(torch.float64)
+
+
+def timestep_weights(weights: list[float] | None, steps: int) -> Tensor:
+    """The sampling weights of the student's timesteps (uniform by default), one per step."""
+    if weights is not None and len(weights) != steps:
         raise ValueError(
-            f"LADD student_timestep_weights must be {steps} non-negative numbers with a positive "
+            f"LADD student_timestep_weights has {len(weights)} entries; the student's sampler "
+            f"walks {steps} timesteps: give one weight per timestep"
+        )
+    return torch.tensor(weights or [1.0] * steps, dtype=torch.float64)
+
+
+def _check_args(weights: list[float] | None, real: str, samples_per_step: int) -> None:
+    """Clear errors for a bad LADD config, naming the field."""
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(
+            f"LADD student_timestep_weights must be non-negative numbers with a positive "
             f"sum (one per student timestep), got {weights}"
         )
     if real not in ("data", "teacher"):

@@ -28,7 +28,8 @@ class CFGEvalCallback(pl.Callback):
     TensorBoard (``cfg/scale_<s>/steps_<n>``) and, with ``save_png``, to ``<log_dir>/cfg_eval``.
 
     The module must provide ``sample_latents(text, mask, noise, scale, sampler)``,
-    ``sampler_with_steps(n)``, ``decode(latents)`` and ``network`` (as TeacherModule does).
+    ``sampler`` (a ``Sampler``: ``with_steps(n)``), ``decode(latents)`` and ``network`` (as
+    TeacherModule does).
     Without ``prompts`` the first ``num_prompts`` validation captions are used; custom prompts
     are encoded with the text encoder at ``text_encoder_path`` (the one the cache was built with).
     """
@@ -127,7 +128,7 @@ class CFGEvalCallback(pl.Callback):
         captions = [r[2] for r in self._rows]
         out = {}
         for steps in self.steps:
-            sampler = pl_module.sampler_with_steps(steps)
+            sampler = pl_module.sampler.with_steps(steps)
             for scale in self.guidance_scales:
                 args = (text, mask, noise, scale, sampler)
                 latents = call_wrapped(trainer, pl_module, "sample_latents", *args)

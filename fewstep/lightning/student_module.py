@@ -178,7 +178,14 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
         teacher = Denoiser(
             self.teacher, self.process, self.prediction, self._learned_sigma(self.teacher)
         )
-        return Models(student=student, teacher=teacher, process=self.process)
+        return Models(
+            student=student,
+            teacher=teacher,
+            process=self.process,
+            student_sampler=self.sampler,
+            teacher_sampler=self.teacher_sampler,
+            guidance_scale=self.guidance_scale,
+        )
 
     def train(self, mode: bool = True) -> StudentModule:
         """Train mode for everything but the frozen teacher, which stays in eval mode."""

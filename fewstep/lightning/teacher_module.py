@@ -3,7 +3,6 @@ Lipman et al. 2023) and validating it with the GenEval-protocol shapes scorer.""
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -153,12 +152,6 @@ class TeacherModule(pl.LightningModule):
             scale,
             noise,
         )
-
-    def sampler_with_steps(self, steps: int) -> Sampler:
-        """A copy of the validation sampler with another step count."""
-        sampler = copy.copy(self.sampler)
-        sampler.steps = steps
-        return sampler
 
     def _loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
         """Diffusion loss with t and noise drawn from ``generator``."""
