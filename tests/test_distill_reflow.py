@@ -347,16 +347,13 @@ def test_coupling_cache_reproduces_the_teachers_samples(tiny, couplings_dir):
     null = as_null_text(src.null_text())
     with torch.no_grad():
         x0 = generate(
-            teacher.network,
-            teacher.process,
-            teacher.prediction,
-            teacher.learned_sigma,
+            teacher.denoiser,
             teacher.sampler,
             batch["text"],
             batch["text_mask"],
-            null,
-            2.0,
             batch["noise"],
+            2.0,
+            null,
         )
     assert weights == "raw" and x0.abs().mean() > 0.1
     assert torch.allclose(batch["latents"], x0, atol=1e-5), (batch["latents"] - x0).abs().max()

@@ -151,12 +151,11 @@ def test_generate_at_scale_one_is_the_unguided_sampler(learn_sigma):
     text, mask = data.batch["text"][:3], data.batch["text_mask"][:3]
     noise = fixed_noise((4, 8, 8), [0, 1, 2], seed=5)
     sampler = Euler(steps=3)
-    args = (net, process, "velocity", learn_sigma, sampler, text, mask, data.null_text())
+    denoiser = Denoiser(net, process, "velocity", learn_sigma)
     with torch.no_grad():
-        guided = generate(*args, 1.0, noise)
-        denoiser = Denoiser(net, process, "velocity", learn_sigma)
+        guided = generate(denoiser, sampler, text, mask, noise, 1.0, data.null_text())
         plain = sampler(denoiser.bind(text=text, text_mask=mask), noise)
-        strong = generate(*args, 4.0, noise)
+        strong = generate(denoiser, sampler, text, mask, noise, 4.0, data.null_text())
     assert guided.shape == (3, 4, 8, 8)
     torch.testing.assert_close(guided, plain, rtol=0, atol=0)
     assert not torch.allclose(strong, plain)

@@ -7,13 +7,11 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
-from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import Sampler
-from fewstep.diffusion.schedules import NoiseProcess
 
 NullText = tuple[Tensor, Tensor]
 
@@ -43,28 +41,24 @@ def datamodule_null_text(datamodule: Any) -> NullText | None:
 
 
 def generate(
-    network: nn.Module,
-    process: NoiseProcess,
-    prediction: PredictionType,
-    learned_sigma: bool,
+    denoiser: Denoiser,
     sampler: Sampler,
     text: Tensor,
     text_mask: Tensor,
-    null_text: NullText | None,
-    guidance_scale: float,
     noise: Tensor,
+    guidance_scale: float = 1.0,
+    null_text: NullText | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Latents [B, C, h, w] sampled from ``noise`` with classifier-free guidance (Ho & Salimans
-    2022); scale 1 (or no null text at scale 1) is the plain conditional sampler. ``noise`` has
-    the network's *input* channels: with learned sigma the extra output channels are dropped."""
-    in_channels = getattr(network, "in_channels", noise.shape[1])
+    2022); scale 1 is the plain conditional sampler. ``noise`` has the network's *input*
+    channels: with learned sigma the extra output channels are dropped."""
+    in_channels = getattr(denoiser.net, "in_channels", noise.shape[1])
     if noise.shape[1] != in_channels:
         raise ValueError(
             f"generate: noise has {noise.shape[1]} channels but the network takes {in_channels} "
             "(with learn_sigma the network outputs twice that; sample with the input count)."
         )
-    denoiser = Denoiser(network, process, prediction, learned_sigma)
     cond = {"text": text, "text_mask": text_mask.bool()}
     if guidance_scale == 1.0:
         return sampler(denoiser.bind(**cond), noise, generator)

@@ -19,18 +19,12 @@ from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.lightning.checkpoints import load_module, load_trained
-from fewstep.lightning.sampling import (
-    NullText,
-    datamodule_null_text,
-    frozen_vae,
-    generate,
-)
+from fewstep.lightning.latent_module import LatentDiffusionModule
+from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
-from fewstep.lightning.teacher_module import TeacherModule, default_optimizer
-from fewstep.models.vae import VAE
+from fewstep.lightning.teacher_module import default_optimizer
 from fewstep.utils.fingerprint import weights_hash
 from fewstep.utils.manifest import verify_shipped
-from fewstep.utils.seeding import mix_seed
 
 TEACHER_PREFIX = "teacher."
 
@@ -63,7 +57,7 @@ def sampler_record(sampler: Sampler, steps: Iterable[int], process: Any) -> dict
     }
 
 
-class StudentModule(StudentEvaluation, pl.LightningModule):
+class StudentModule(StudentEvaluation, LatentDiffusionModule):
     """Trains a student network (initialised from the teacher's EMA weights) with ``method``.
 
     The teacher (from ``teacher_config`` + ``teacher_ckpt``) is frozen: never optimised, never
@@ -150,8 +144,6 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
         self.automatic_optimization = method.num_optimizers == 1
         self.method.setup(self.models)
         self._build_metrics()
-        self._frozen: dict[str, VAE] = {}  # unregistered: never saved, optimised or EMA'd
-        self._null_text: NullText | None = None
         self._val_scored = 0
         self._trained_steps = 0  # global_step of the loaded checkpoint (eval table title)
         self._grid: dict[str, list[np.ndarray]] = {}
@@ -193,25 +185,6 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
         self.teacher.eval()
         return self
 
-    @property
-    def vae(self) -> VAE | None:
-        """The frozen VAE from ``vae_path`` (loaded once, on this module's device), or None."""
-        return frozen_vae(self._frozen, self.vae_path, "StudentModule", self.device)
-
-    def setup(self, stage: str) -> None:
-        """Load the VAE early so a bad ``vae_path`` fails before training starts."""
-        _ = self.vae
-
-    def decode(self, latents: Tensor) -> Tensor | None:
-        """Normalised latents -> images [B, 3, H, W] in [-1, 1], or None without a VAE."""
-        return TeacherModule.decode(self, latents)
-
-    def null_text(self) -> NullText | None:
-        """The empty-caption embedding from the datamodule (cached)."""
-        if self._null_text is None and self._trainer is not None:
-            self._null_text = datamodule_null_text(self.trainer.datamodule)
-        return self._null_text
-
     # --- sampling ------------------------------------------------------------------------------
 
     def student_sampler(self, steps: int) -> Sampler:
@@ -233,17 +206,10 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
 
     def teacher_latents(self, text: Tensor, text_mask: Tensor, noise: Tensor) -> Tensor:
         """The teacher's reference samples (``teacher_sampler`` at ``guidance_scale``)."""
+        scale = self.guidance_scale
+        null = self.null_text() if scale != 1.0 else None
         return generate(
-            self.teacher,
-            self.process,
-            self.prediction,
-            self._learned_sigma(self.teacher),
-            self.teacher_sampler,
-            text,
-            text_mask,
-            self.null_text() if self.guidance_scale != 1.0 else None,
-            self.guidance_scale,
-            noise,
+            self.models.teacher, self.teacher_sampler, text, text_mask, noise, scale, null
         )
 
     @property
@@ -275,12 +241,6 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
             noise=batch.get("noise"),
         )
 
-    def _generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator:
-        """RNG of this step from (seed, global_step, rank, micro-batch): resume-exact."""
-        micro = batch_idx % max(self.trainer.accumulate_grad_batches, 1)
-        seed = mix_seed(self.seed, self.global_step, self.global_rank, micro)
-        return torch.Generator(device=batch["latents"].device).manual_seed(seed)
-
     def _log_losses(self, prefix: str, loss: Tensor, logs: dict[str, Tensor], b: int) -> None:
         """Log a loss and the method's scalars under ``prefix``."""
         self.log(f"{prefix}loss", loss.detach(), prog_bar=True, batch_size=b)
@@ -289,7 +249,7 @@ class StudentModule(StudentEvaluation, pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """One distillation step (automatic), or student + discriminator steps (manual)."""
-        distill = self.distill_batch(batch, self._generator(batch, batch_idx))
+        distill = self.distill_batch(batch, self.step_generator(batch_idx, batch["latents"].device))
         b = distill.latents.shape[0]
         if self.automatic_optimization:
             loss, logs = self.method.generator_loss(distill, self.models)

@@ -7,7 +7,6 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -20,14 +19,9 @@ from fewstep.diffusion.samplers import DDIM, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler, UniformDiscrete
 from fewstep.eval.geneval import ShapesGenEval, specs_of
-from fewstep.lightning.sampling import (
-    NullText,
-    datamodule_null_text,
-    frozen_vae,
-    generate,
-)
+from fewstep.lightning.latent_module import LatentDiffusionModule
+from fewstep.lightning.sampling import generate
 from fewstep.models.dit import DiT
-from fewstep.models.vae import VAE
 from fewstep.utils.seeding import fixed_noise, mix_seed
 
 
@@ -48,7 +42,7 @@ def default_timestep_sampler(process: NoiseProcess) -> TimestepSampler:
     )
 
 
-class TeacherModule(pl.LightningModule):
+class TeacherModule(LatentDiffusionModule):
     """Trains ``network`` to predict ``prediction`` on ``process`` (automatic optimisation, so
     Trainer's gradient_clip_val applies); the EMA callback averages ``ema_target``. With learned
     sigma only the first C output channels are trained (no VLB term)."""
@@ -82,8 +76,6 @@ class TeacherModule(pl.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.val_num_samples, self.seed = val_num_samples, seed
         self.val_geneval = ShapesGenEval()
-        self._frozen: dict[str, VAE] = {}  # unregistered: never saved, optimised or EMA'd
-        self._null_text: NullText | None = None
         self._val_scored = 0
 
     @property
@@ -101,34 +93,11 @@ class TeacherModule(pl.LightningModule):
         """The network as a denoiser (built per call: strategies may rewrap ``network``)."""
         return Denoiser(self.network, self.process, self.prediction, self.learned_sigma)
 
-    @property
-    def vae(self) -> VAE | None:
-        """The frozen VAE from ``vae_path`` (loaded once, on this module's device), or None."""
-        return frozen_vae(self._frozen, self.vae_path, "TeacherModule", self.device)
-
-    def setup(self, stage: str) -> None:
-        """Load the VAE early so a bad ``vae_path`` fails before training starts."""
-        _ = self.vae
-
     def configure_model(self) -> None:
         """With ``compile``, compile the network's forward in place (``nn.Module.compile``: the
         parameter names, hence checkpoints and EMA, stay those of the eager network)."""
         if self.hparams.compile and self.network._compiled_call_impl is None:
             self.network.compile(**(self.hparams.compile_kwargs or {}))
-
-    def null_text(self) -> NullText | None:
-        """The empty-caption embedding for CFG, from the datamodule (cached)."""
-        if self._null_text is None and self._trainer is not None:
-            self._null_text = datamodule_null_text(self.trainer.datamodule)
-        return self._null_text
-
-    def decode(self, latents: Tensor) -> Tensor | None:
-        """Normalised latents -> images [B, 3, H, W] in [-1, 1], or None without a VAE."""
-        vae = self.vae
-        if vae is None:
-            return None
-        dtype = next(vae.parameters()).dtype
-        return vae.decode(latents.to(dtype)).float().clamp(-1, 1)
 
     def sample_latents(
         self,
@@ -140,18 +109,8 @@ class TeacherModule(pl.LightningModule):
     ) -> Tensor:
         """Guided samples from ``noise`` (defaults: the configured sampler and scale)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return generate(
-            self.network,
-            self.process,
-            self.prediction,
-            self.learned_sigma,
-            sampler or self.sampler,
-            text,
-            text_mask,
-            self.null_text() if scale != 1.0 else None,
-            scale,
-            noise,
-        )
+        null = self.null_text() if scale != 1.0 else None
+        return generate(self.denoiser, sampler or self.sampler, text, text_mask, noise, scale, null)
 
     def _loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
         """Diffusion loss with t and noise drawn from ``generator``."""
@@ -163,10 +122,7 @@ class TeacherModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """One step; noise and t come from (seed, global_step, rank), so resume is exact."""
-        micro = batch_idx % self.trainer.accumulate_grad_batches
-        seed = mix_seed(self.seed, self.global_step, self.global_rank, micro)
-        generator = torch.Generator(device=batch["latents"].device).manual_seed(seed)
-        loss = self._loss(batch, generator)
+        loss = self._loss(batch, self.step_generator(batch_idx, batch["latents"].device))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
 

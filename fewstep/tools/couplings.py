@@ -79,18 +79,7 @@ def couplings(
 
     def sample(text: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return generate(
-                teacher.network,
-                teacher.process,
-                teacher.prediction,
-                teacher.learned_sigma,
-                sampler,
-                text,
-                mask,
-                null,
-                scale,
-                noise,
-            )
+            return generate(teacher.denoiser, sampler, text, mask, noise, scale, null)
 
     info = {
         "teacher": {  # weights_sha256 = StudentModule.teacher_identity["sha256"] (same weights)
