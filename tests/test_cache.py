@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewstep.data.cache import CacheError, LatentCache, merge_manifest
+from fewstep.data.cache import CacheError, LatentCache
 from fewstep.data.cache_builder import build_cache
+from fewstep.data.cache_write import merge_manifest
 from fewstep.data.image_folder import ImageCaptionFolder, write_image_folder
 from fewstep.data.shapes import ShapesWorld
 
@@ -353,7 +354,7 @@ def test_long_captions_are_counted_in_the_manifest(tmp_path: Path) -> None:
 
 
 def test_a_second_concurrent_build_fails_at_once(tmp_path: Path) -> None:
-    from fewstep.data.cache import build_lock
+    from fewstep.data.cache_write import build_lock
 
     root = tmp_path / "c"
     root.mkdir()

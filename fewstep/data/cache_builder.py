@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fewstep.data import cache
+from fewstep.data import cache, cache_write
 
 DTYPES = ("float16", "float32")
 
@@ -224,10 +224,10 @@ def build_cache(
     config = build_config(dataset, vae, text_encoder, shard_size, dtype)
     null = valid_tokens(*text_encoder.null_embedding(), dtype, "null text embedding")[0]
     if rank == 0:
-        cache.start_cache(root, config, null)
+        cache_write.start_cache(root, config, null)
     _barrier()
     if rank != 0:
-        cache.start_cache(root, config, null)  # checks the build config rank 0 wrote
+        cache_write.start_cache(root, config, null)  # checks the build config rank 0 wrote
     _write_shards(
         dataset,
         vae,
@@ -242,9 +242,9 @@ def build_cache(
     )
     _barrier()
     if rank == 0 or not _distributed():
-        if not cache.missing_shards(root, len(dataset), shard_size):
-            cache.merge_manifest(root)
-            cache.clean_tmp_shards(root)
+        if not cache_write.missing_shards(root, len(dataset), shard_size):
+            cache_write.merge_manifest(root)
+            cache_write.clean_tmp_shards(root)
     _barrier()
     return root
 
@@ -264,7 +264,7 @@ def _write_shards(
     """Encode and write this rank's unfinished shards."""
     n, size = config["num_samples"], config["shard_size"]
     mine = range(rank, -(-n // size), world_size)
-    todo = [k for k in mine if not cache.finished_shard(root, k, min(size, n - k * size))]
+    todo = [k for k in mine if not cache_write.finished_shard(root, k, min(size, n - k * size))]
     batches, owner = [], []
     for k in todo:
         for start in range(k * size, min((k + 1) * size, n), batch_size):
@@ -289,7 +289,7 @@ def _write_shards(
 
     skipped: list[dict[str, Any]] = []
     truncated = getattr(text_encoder, "truncated", 0)
-    with cache.resumable_build(where, bar, root / f"build-rank{rank}.lock"):
+    with cache_write.resumable_build(where, bar, root / f"build-rank{rank}.lock"):
         for i, batch in enumerate(loader):
             shard = owner[i]
             skipped += batch["skipped"]
@@ -315,7 +315,7 @@ def _write(
             f"cache: skipped unreadable sample {item['index']} ({item['reason']})", stacklevel=2
         )
     mean, std, texts, records = zip(*parts, strict=True) if parts else ([], [], [], [])
-    cache.write_shard(
+    cache_write.write_shard(
         root,
         shard,
         np.concatenate(mean) if parts else np.zeros((0,)),

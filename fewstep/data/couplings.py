@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fewstep.data import cache
+from fewstep.data import cache, cache_write
 from fewstep.data.cache import CacheError, LatentCache, Verify
 from fewstep.data.datamodule import CachedLatentDataModule, CachedLatentDataset, _empty, pad_texts
 from fewstep.utils.seeding import fixed_noise
@@ -116,23 +116,23 @@ def build_couplings(
     config = coupling_config(
         source, n, shard_size, {**info, "seed": seed, "max_text_length": max_text_length}
     )
-    cache.start_cache(root, config, np.array(source.null_text()[:max_text_length]))
+    cache_write.start_cache(root, config, np.array(source.null_text()[:max_text_length]))
     sizes = [min(shard_size, n - k * shard_size) for k in range(-(-n // shard_size))]
-    todo = [k for k, size in enumerate(sizes) if not cache.finished_shard(root, k, size)]
+    todo = [k for k, size in enumerate(sizes) if not cache_write.finished_shard(root, k, size)]
     done = n - sum(sizes[k] for k in todo)
     bar = tqdm(total=n, initial=done, unit="sample", desc="teacher couplings", disable=not progress)
 
     def where() -> str:
         return f"Couplings build into {root}"
 
-    with cache.resumable_build(where, bar, root / "build-rank0.lock"):
+    with cache_write.resumable_build(where, bar, root / "build-rank0.lock"):
         for k in todo:
             parts = []
             for indices in _shard_batches(k * shard_size, min((k + 1) * shard_size, n), batch_size):
                 parts.append(sample_batch(source, sample, indices, seed, max_text_length, device))
                 bar.update(len(indices))
             x0, noise, texts, records = zip(*parts, strict=True)
-            cache.write_shard(
+            cache_write.write_shard(
                 root,
                 k,
                 np.concatenate(x0),
@@ -141,8 +141,8 @@ def build_couplings(
                 [r for rs in records for r in rs],
                 extra={NOISE: np.concatenate(noise)},
             )
-    cache.merge_manifest(root)
-    cache.clean_tmp_shards(root)
+    cache_write.merge_manifest(root)
+    cache_write.clean_tmp_shards(root)
     return root
 
 
