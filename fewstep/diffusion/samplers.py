@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from abc import ABC
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -186,7 +187,13 @@ class Sampler(ABC):
     `timesteps` (optional) gives the N process times the denoiser is evaluated at explicitly
     (e.g. LCM's [999, 759, 499, 259]); it overrides `steps` (set to N) and `spacing`, and sampling
     ends at process.t_clean. A later `steps = n < N` walks an even subset of them (as LCM's
-    scheduler picks from its origin schedule: entries i * N // n)."""
+    scheduler picks from its origin schedule: entries i * N // n).
+
+    A subclass names its sampling function (``sample_fn``) and the settings it passes on
+    (``options``: attribute names, "generator" for the re-noising RNG)."""
+
+    sample_fn: ClassVar[Callable[..., Tensor]]
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -243,7 +250,6 @@ class Sampler(ABC):
         """Sample from `noise` (the state at the first timestep)."""
         return self.sample(denoiser, noise, self.timesteps(denoiser.process), generator)
 
-    @abstractmethod
     def sample(
         self,
         denoiser: SamplerDenoiser,
@@ -251,7 +257,12 @@ class Sampler(ABC):
         timesteps: Timesteps,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Run the sampling function on explicit timesteps."""
+        """Run the class's sampling function on explicit timesteps with its ``options`` (the
+        settings it takes; "generator" passes the re-noising RNG)."""
+        values = {**vars(self), "generator": generator}
+        return type(self).sample_fn(
+            denoiser, noise, timesteps, **{k: values[k] for k in self.options}
+        )
 
     def __repr__(self) -> str:
         """Class name and settings, for logs and reports."""
@@ -272,6 +283,9 @@ def _custom_times(timesteps: Sequence[float] | None) -> list[float] | None:
 class DDIM(Sampler):
     """DDIM sampler (Song et al. 2021); see ddim_sample."""
 
+    sample_fn = staticmethod(ddim_sample)
+    options = ("eta", "generator")
+
     def __init__(
         self,
         steps: int = 20,
@@ -282,33 +296,19 @@ class DDIM(Sampler):
         super().__init__(steps, spacing, timesteps)
         self.eta = eta
 
-    def sample(
-        self,
-        denoiser: SamplerDenoiser,
-        noise: Tensor,
-        timesteps: Timesteps,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """See the sampling function named in the class docstring."""
-        return ddim_sample(denoiser, noise, timesteps, eta=self.eta, generator=generator)
-
 
 class DDPM(Sampler):
     """Ancestral DDPM sampler (Ho et al. 2020); see ddpm_sample."""
 
-    def sample(
-        self,
-        denoiser: SamplerDenoiser,
-        noise: Tensor,
-        timesteps: Timesteps,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """See the sampling function named in the class docstring."""
-        return ddpm_sample(denoiser, noise, timesteps, generator=generator)
+    sample_fn = staticmethod(ddpm_sample)
+    options = ("generator",)
 
 
 class DPMSolver2M(Sampler):
     """DPM-Solver++(2M) sampler (Lu et al. 2022b); see dpmpp_2m_sample."""
+
+    sample_fn = staticmethod(dpmpp_2m_sample)
+    options = ("lower_order_final",)
 
     def __init__(
         self,
@@ -320,60 +320,27 @@ class DPMSolver2M(Sampler):
         super().__init__(steps, spacing, timesteps)
         self.lower_order_final = lower_order_final
 
-    def sample(
-        self,
-        denoiser: SamplerDenoiser,
-        noise: Tensor,
-        timesteps: Timesteps,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """See the sampling function named in the class docstring."""
-        return dpmpp_2m_sample(denoiser, noise, timesteps, lower_order_final=self.lower_order_final)
-
 
 class Euler(Sampler):
     """Flow-ODE Euler sampler; see euler_sample."""
 
-    def sample(
-        self,
-        denoiser: SamplerDenoiser,
-        noise: Tensor,
-        timesteps: Timesteps,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """See the sampling function named in the class docstring."""
-        return euler_sample(denoiser, noise, timesteps)
+    sample_fn = staticmethod(euler_sample)
 
 
 class Heun(Sampler):
     """Flow-ODE Heun sampler; see heun_sample. nfe = 2 * steps - 1."""
+
+    sample_fn = staticmethod(heun_sample)
 
     @property
     def nfe(self) -> int:
         """Two evaluations per step, one on the final step to sigma = 0."""
         return 2 * self.steps - 1
 
-    def sample(
-        self,
-        denoiser: SamplerDenoiser,
-        noise: Tensor,
-        timesteps: Timesteps,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """See the sampling function named in the class docstring."""
-        return heun_sample(denoiser, noise, timesteps)
-
 
 class Consistency(Sampler):
     """Multistep consistency sampler (Song et al. 2023; LCM); see consistency_sample. Pass a
     generator for reproducible re-noising."""
 
-    def sample(
-        self,
-        denoiser: SamplerDenoiser,
-        noise: Tensor,
-        timesteps: Timesteps,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """See the sampling function named in the class docstring."""
-        return consistency_sample(denoiser, noise, timesteps, generator=generator)
+    sample_fn = staticmethod(consistency_sample)
+    options = ("generator",)
