@@ -23,6 +23,7 @@ from fewstep.diffusion.schedules import (
     NoiseProcess,
     RectifiedFlow,
     Spacing,
+    StraightPath,
     broadcast,
 )
 
@@ -75,25 +76,14 @@ def network_input(process: NoiseProcess, x: Tensor, s: Tensor) -> tuple[Tensor, 
     return x * broadcast(frame_scale(process, t), x), t.to(x.device)
 
 
-class FlowTime(NoiseProcess):
-    """Rectified flow x_s = (1 - s) x0 + s eps, s in [0, 1], over a base process's network:
-    model_time(s) = base.model_time(t(s)). Euler/Heun sample it; the denoiser must feed the
-    network the rescaled state (see FlowFrameDenoiser)."""
+class FlowTime(StraightPath):
+    """Rectified flow x_s = (1 - s) x0 + s eps, s in [0, 1] (StraightPath), over a base
+    process's network: model_time(s) = base.model_time(t(s)). Euler/Heun sample it; the denoiser
+    must feed the network the rescaled state (see FlowFrameDenoiser)."""
 
     def __init__(self, base: NoiseProcess) -> None:
         self.base = base
-        self.t_clean = 0.0
-        self.t_max = 1.0
-
-    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """alpha = 1 - s, sigma = s (Liu et al. 2022, eq. 1 path)."""
-        s = torch.as_tensor(t, dtype=torch.float64)
-        return 1.0 - s, s
-
-    def alpha_sigma_derivative(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """d alpha/ds = -1, d sigma/ds = 1: the velocity is eps - x0."""
-        s = torch.as_tensor(t, dtype=torch.float64)
-        return -torch.ones_like(s), torch.ones_like(s)
+        super().__init__()
 
     def model_time(self, t: Tensor) -> Tensor:
         """The base network's timestep input at the base time t(s)."""

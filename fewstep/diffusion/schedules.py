@@ -124,14 +124,11 @@ class DiscreteDDPM(NoiseProcess):
         return torch.tensor([*ts.astype(np.int64).tolist(), end], dtype=torch.float64)
 
 
-class RectifiedFlow(NoiseProcess):
-    """Rectified flow x_t = (1 - t) x0 + t eps, t in [0, 1] (Liu et al. 2022; Esser et al. 2024,
-    eq. 3). The network is fed model_time = t * num_train_timesteps (SD3 / diffusers). `shift`
-    only sets the default sampling schedule (SD3 eq. 23)."""
+class StraightPath(NoiseProcess):
+    """The straight path x_t = (1 - t) x0 + t eps, t in [0, 1] (Liu et al. 2022, eq. 1): alpha,
+    sigma and their derivatives; subclasses say what the network is fed and how to step."""
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000) -> None:
-        self.shift = shift
-        self.num_train_timesteps = num_train_timesteps
+    def __init__(self) -> None:
         self.t_clean = 0.0
         self.t_max = 1.0
 
@@ -144,6 +141,17 @@ class RectifiedFlow(NoiseProcess):
         """d alpha/dt = -1, d sigma/dt = 1: the velocity is eps - x0 (Liu et al. 2022, eq. 1)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return -torch.ones_like(t), torch.ones_like(t)
+
+
+class RectifiedFlow(StraightPath):
+    """Rectified flow x_t = (1 - t) x0 + t eps, t in [0, 1] (Liu et al. 2022; Esser et al. 2024,
+    eq. 3). The network is fed model_time = t * num_train_timesteps (SD3 / diffusers). `shift`
+    only sets the default sampling schedule (SD3 eq. 23)."""
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000) -> None:
+        self.shift = shift
+        self.num_train_timesteps = num_train_timesteps
+        super().__init__()
 
     def model_time(self, t: Tensor) -> Tensor:
         """The network sees t * num_train_timesteps, as SD3 and FlowMatchEulerDiscreteScheduler."""
