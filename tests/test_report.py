@@ -50,16 +50,14 @@ def full_results(overall_4: float, teacher_nfe: float = 40.0) -> dict:
 
 @pytest.fixture(scope="module")
 def student_log(tmp_path_factory):
-    """A student log dir whose event file holds grids (n=1 at two steps, n=4 once)."""
-    from torch.utils.tensorboard import SummaryWriter
+    """A student log dir with grid PNGs as validation writes them (n=1 at two steps, n=4 once)."""
+    from fewstep.utils.artifacts import GRID_FOLDER, student_grid_name
 
     log_dir = tmp_path_factory.mktemp("student") / "version_0"
-    writer = SummaryWriter(log_dir=str(log_dir))
+    (log_dir / GRID_FOLDER).mkdir(parents=True)
     for n, step, color in ((1, 10, (255, 0, 0)), (1, 20, (0, 255, 0)), (4, 20, (0, 0, 255))):
         image = np.zeros((24, 48, 3), dtype=np.uint8) + np.array(color, dtype=np.uint8)
-        writer.add_image(f"val/student_{n}/teacher_vs_student", image, step, dataformats="HWC")
-    writer.add_scalar("val/student_1/psnr", 21.0, 20)
-    writer.close()
+        Image.fromarray(image).save(log_dir / GRID_FOLDER / student_grid_name(step, n))
     return log_dir.parent
 
 
@@ -191,12 +189,13 @@ def test_teacher_only_falls_back_to_teacher_stage(tmp_path):
     assert valid_png(tmp_path / "report_score_vs_nfe.png")
 
 
-def test_unreadable_event_file_and_stale_images_do_not_break_it(tmp_path):
-    log_dir = tmp_path / "student"
-    log_dir.mkdir()
-    (log_dir / "events.out.tfevents.0.host.1.0").write_bytes(b"\x00garbage" * 10)
+def test_unreadable_grid_and_stale_images_do_not_break_it(tmp_path):
+    log_dir = tmp_path / "student" / "teacher_vs_student"
+    log_dir.mkdir(parents=True)
+    (log_dir / "step0000020_4steps.png").write_bytes(b"\x00garbage" * 10)
     (tmp_path / "report_grid_4steps.png").write_bytes(b"stale")
-    md = write_report(tmp_path, full_results(0.76), log_dir, None).read_text()
+    with pytest.warns(UserWarning, match="not an image"):
+        md = write_report(tmp_path, full_results(0.76), log_dir.parent, None).read_text()
     assert "### 4-step student\n\nGrid: not run." in md
     assert not (tmp_path / "report_grid_4steps.png").exists()  # a stale grid is not kept
 

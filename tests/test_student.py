@@ -255,6 +255,17 @@ def test_validation_logs_scores_fidelity_speed_and_writes_the_table(teacher, tmp
     events = EventAccumulator(str(tmp_path / "student"))
     events.Reload()
     assert "val/student_2/teacher_vs_student" in events.Tags()["images"]
+    assert (tmp_path / "student" / "teacher_vs_student" / "step0000000_2steps.png").is_file()
+
+
+def test_grids_are_png_files_with_any_logger(teacher, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = student(teacher, guidance_scale=1.0, teacher_sampler=Euler(steps=2))
+    logger = CSVLogger(tmp_path, name="student", version="")
+    trainer(1, tmp_path, logger=logger, limit_val_batches=1).validate(module, data(teacher))
+    grids = sorted(p.name for p in (tmp_path / "student" / "teacher_vs_student").glob("*.png"))
+    assert grids == ["step0000000_1steps.png", "step0000000_2steps.png"]
 
 
 def test_validation_measures_distances_and_diversity_with_the_feature_network(teacher, tmp_path):

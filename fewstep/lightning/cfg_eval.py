@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
@@ -17,8 +15,10 @@ from torch import Tensor
 
 from fewstep.eval.geneval import tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
+from fewstep.lightning.image_log import log_dir, log_image
 from fewstep.lightning.sampling import call_wrapped
 from fewstep.models.text_encoder import pad_rows
+from fewstep.utils.artifacts import CFG_FOLDER, cfg_grid_name
 from fewstep.utils.seeding import fixed_noise
 
 
@@ -114,7 +114,7 @@ class CFGEvalCallback(pl.Callback):
         with torch.no_grad():
             grids = self.grids(trainer, pl_module)
         if grids:
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "cfg_eval"  # collective
+            folder = log_dir(trainer) / CFG_FOLDER  # collective
             self._write(trainer, grids, folder)
 
     def grids(
@@ -151,20 +151,11 @@ class CFGEvalCallback(pl.Callback):
     def _write(
         self, trainer: pl.Trainer, grids: dict[tuple[float, int], Image.Image], folder: Path
     ) -> None:
-        """Log the grids to TensorBoard and save PNGs into ``folder``."""
+        """Log the grids (TensorBoard or any image-taking logger) and save PNGs into ``folder``."""
         step = trainer.global_step
         for (scale, steps), grid in grids.items():
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(
-                        f"cfg/scale_{scale:g}/steps_{steps}",
-                        np.asarray(grid),
-                        step,
-                        dataformats="HWC",
-                    )
-            if self.save_png:
-                folder.mkdir(parents=True, exist_ok=True)
-                grid.save(folder / f"step{step:07d}_scale{scale:g}_steps{steps}.png")
+            png = folder / cfg_grid_name(step, scale, steps) if self.save_png else None
+            log_image(trainer, f"cfg/scale_{scale:g}/steps_{steps}", grid, png)
 
     def state_dict(self) -> dict[str, Any]:
         """The step of the last grids, so a resumed run does not redraw them."""

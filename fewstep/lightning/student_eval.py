@@ -8,12 +8,9 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -22,7 +19,9 @@ from fewstep.diffusion.samplers import Sampler
 from fewstep.eval.geneval import ShapesGenEval, specs_of, tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
 from fewstep.eval.metrics.fidelity import mean_pairwise_distance, shapes_fid
+from fewstep.lightning.image_log import log_dir, log_image
 from fewstep.models.shapes_features import ShapesFeatureNet
+from fewstep.utils.artifacts import GRID_FOLDER, student_grid_name
 from fewstep.utils.seeding import fixed_noise, mix_seed
 
 FAITHFUL_MAX = 1.10  # a student scoring above 1.10x its teacher is flagged as not faithful
@@ -210,7 +209,7 @@ class StudentEvaluation:
         self.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False)
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder = log_dir(self.trainer)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "eval_table.md").write_text(self.eval_table_markdown(table))
         self._log_grids()
@@ -324,23 +323,18 @@ class StudentEvaluation:
         return "\n".join(lines + unfaithful_notes(table)) + "\n"
 
     def _log_grids(self) -> None:
-        """Teacher | student pairs per step count, as captioned grids in TensorBoard."""
+        """Teacher | student pairs per step count, as captioned grids: a PNG per step count
+        under ``<log_dir>/teacher_vs_student/`` (what the demo report reads) and any logger."""
         teacher = self._grid.get("teacher", [])
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not teacher or not loggers:
+        if not teacher:
             return
-        captions = self._captions
+        folder = log_dir(self.trainer) / GRID_FOLDER
         for n in self.eval_steps:
             student = self._grid.get(f"student_{n}", [])
             tiles, labels = [], []
-            for image_t, image_s, caption in zip(teacher, student, captions, strict=False):
+            for image_t, image_s, caption in zip(teacher, student, self._captions, strict=False):
                 tiles += [image_t, image_s]
                 labels += [f"teacher: {caption}", f"student {n}-step"]
             grid = captioned_grid(tiles, labels, cols=min(8, len(tiles)), cell=96)
-            for logger in loggers:
-                logger.experiment.add_image(
-                    f"val/student_{n}/teacher_vs_student",
-                    np.asarray(grid),
-                    self.global_step,
-                    dataformats="HWC",
-                )
+            png = folder / student_grid_name(self.global_step, n)
+            log_image(self.trainer, f"val/student_{n}/teacher_vs_student", grid, png)

@@ -3,63 +3,33 @@ events, the teacher's latest CFG grids, and the score-vs-NFE plot (matplotlib)."
 
 from __future__ import annotations
 
-import io
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from fewstep.report.summary import (
-    BAR_NFE_REDUCTION,
-    BAR_PERCENT,
-    CFG_PNG,
-    GRID_TAG,
-    _num,
-)
+from fewstep.report.summary import BAR_NFE_REDUCTION, BAR_PERCENT, _num
+from fewstep.utils.artifacts import CFG_FOLDER, CFG_PNG, latest_student_grids
 
 # --- images --------------------------------------------------------------------------------------
 
 
-def _grid_events(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(n, image event)`` for every teacher-vs-student grid in one event file."""
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
-
-    accumulator = EventAccumulator(str(path), size_guidance={IMAGES: 0})
-    accumulator.Reload()
-    for tag in accumulator.Tags().get("images", []):
-        match = GRID_TAG.match(tag)
-        if match:
-            for event in accumulator.Images(tag):
-                yield int(match.group(1)), event
-
-
-def _latest_grids(log_dir: Path) -> dict[int, bytes]:
-    """The encoded image of the latest (step, time) grid per step count under ``log_dir``."""
-    latest: dict[int, tuple[tuple[int, float], bytes]] = {}
-    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
-        try:
-            for n, event in _grid_events(path):
-                key = (event.step, event.wall_time)
-                if n not in latest or key >= latest[n][0]:
-                    latest[n] = (key, event.encoded_image_string)
-        except Exception as err:  # a truncated or foreign file must not stop the report
-            warnings.warn(f"report: skipping unreadable event file {path}: {err}", stacklevel=2)
-    return {n: data for n, (_, data) in latest.items()}
-
-
 def extract_grids(log_dir: Path | None, out_dir: Path) -> dict[int, str]:
-    """Write each step count's latest grid as ``report_grid_<n>steps.png``; name per n."""
+    """Copy each step count's latest teacher-vs-student grid PNG (written by the student's
+    validation under ``<log_dir>/teacher_vs_student/``) to ``report_grid_<n>steps.png``."""
     if log_dir is None or not Path(log_dir).is_dir():
         return {}
     names = {}
-    for n, data in sorted(_latest_grids(Path(log_dir)).items()):
+    for n, path in sorted(latest_student_grids(Path(log_dir)).items()):
         name = f"report_grid_{n}steps.png"
         try:
-            Image.open(io.BytesIO(data)).convert("RGB").save(out_dir / name)
-        except Exception as err:
-            warnings.warn(f"report: grid for {n} steps is not an image: {err}", stacklevel=2)
+            with Image.open(path) as image:
+                image.convert("RGB").save(out_dir / name)
+        except Exception as err:  # a damaged file must not stop the report
+            warnings.warn(
+                f"report: grid for {n} steps ({path}) is not an image: {err}", stacklevel=2
+            )
             continue
         names[n] = name
     return names
@@ -67,7 +37,7 @@ def extract_grids(log_dir: Path | None, out_dir: Path) -> dict[int, str]:
 
 def teacher_cfg_grids(log_dir: Path | None) -> list[Path]:
     """The latest step's CFG grid PNGs in ``<log_dir>/cfg_eval``, by steps then scale."""
-    folder = Path(log_dir) / "cfg_eval" if log_dir is not None else None
+    folder = Path(log_dir) / CFG_FOLDER if log_dir is not None else None
     if folder is None or not folder.is_dir():
         return []
     found = [(m, p) for p in folder.glob("*.png") if (m := CFG_PNG.match(p.name))]

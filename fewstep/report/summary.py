@@ -18,8 +18,6 @@ VAE_BAR = 0.95
 NOT_RUN = "not run"
 DASH = "–"
 PLOT_NAME = "report_score_vs_nfe.png"
-GRID_TAG = re.compile(r"^val/student_(\d+)/teacher_vs_student$")
-CFG_PNG = re.compile(r"^step(\d+)_scale([^_]+)_steps(\d+)\.png$")
 ROW_METRICS = (
     "nfe",
     "ms_per_image",
