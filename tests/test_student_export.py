@@ -230,6 +230,9 @@ def test_export_cli_writes_the_ema_student_with_its_lcm_scheduler(ddpm_teacher, 
     ]
     assert record["teacher"]["sha256"] == module.teacher_identity["sha256"]
     assert_close(pipeline_latents(out, 2), ours(module.eval(), 2))
+    card = (out / "README.md").read_text()  # the model card
+    assert "library_name: diffusers" in card and module.teacher_identity["sha256"] in card
+    assert json.dumps(record["pipeline_calls"]["2"]) in card and "| 4 |" in card
 
 
 def test_exported_student_takes_prompts_through_the_encoder_of_its_cache(flow_teacher, tmp_path):

@@ -17,6 +17,7 @@ from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import Sampler
 from fewstep.diffusion.schedules import NoiseProcess
+from fewstep.export.model_card import model_card
 from fewstep.export.schedulers import (
     default_sampler,
     diffusers_scheduler,
@@ -161,6 +162,7 @@ def _write_pipeline(
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(record, record.get("eval_table")))
         _commit(tmp, out, overwrite)
     finally:
         if tmp.exists():

@@ -45,6 +45,14 @@ def training_text_encoder(config: str | Path) -> tuple[str | None, str]:
     return default, f"the default text encoder, whose weights encoded the cache {cache}"
 
 
+def run_eval_table(ckpt_path: str | Path) -> str | None:
+    """The newest ``eval_table.md`` of the run a checkpoint belongs to (``<run>/checkpoints/``),
+    for the model card; None when the run has none."""
+    run_dir = Path(ckpt_path).expanduser().resolve().parent.parent
+    tables = sorted(run_dir.glob("**/eval_table.md"), key=lambda p: p.stat().st_mtime)
+    return tables[-1].read_text() if tables else None
+
+
 def export(
     config: str,
     ckpt_path: str,
@@ -73,6 +81,7 @@ def export(
     metadata = {
         "source": {"config": str(config), "ckpt_path": str(ckpt_path), "weights": weights},
         "global_step": ckpt.get("global_step"),
+        "eval_table": run_eval_table(ckpt_path),
         "text_encoder": {"path": text_encoder_path, "why": why},
     }
     if is_student(module):
