@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
 	$(PY) -m pip install -q --no-compile $(TORCH)
-	$(UV) pip install -q --python $(PY) -e .
+	$(UV) pip install -q --python $(PY) -e '.[shapes]'  # + the MiniLM text encoder of the demo
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

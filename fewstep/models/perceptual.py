@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
+
+
+def _timm() -> Any:
+    """timm, which the perceptual loss needs (the optional extra ``fewstep[perceptual]``)."""
+    try:
+        import timm
+    except ImportError:
+        raise ModuleNotFoundError(
+            "FeaturePerceptualLoss needs timm: pip install 'fewstep[perceptual]' (or timm)."
+        ) from None
+    return timm
 
 
 class FeaturePerceptualLoss(nn.Module):
@@ -35,6 +46,7 @@ class FeaturePerceptualLoss(nn.Module):
         name: str, weights_path: str | None, out_indices: tuple[int, ...] | None
     ) -> nn.Module:
         """A features_only timm model; weights from ``weights_path`` (never downloaded)."""
+        timm = _timm()
         kwargs = {"features_only": True}
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
