@@ -123,7 +123,7 @@ def test_teacher_resumes_exactly_mid_epoch(tiny, tmp_path):
     _check_resume(_teacher_config(tiny, tmp_path), [], total=7, stops=[2, 5])
 
 
-@pytest.mark.parametrize("name", ["lcm_shapes.yaml", "ladd_shapes.yaml"])
+@pytest.mark.parametrize("name", ["lcm_shapes.yaml", "ladd_shapes.yaml", "guidance_shapes.yaml"])
 def test_student_resumes_exactly_mid_epoch(name, tiny, tmp_path):
     per_batch = 2 if "ladd" in name else 1  # LADD: two optimiser steps per batch
     stops = [2 * per_batch, 5 * per_batch]

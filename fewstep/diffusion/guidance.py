@@ -66,3 +66,18 @@ class ClassifierFreeGuidance:
         (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)  # [2B] -> 2 x [B]
         s = broadcast(self.scale, x0_c) if torch.is_tensor(self.scale) else self.scale
         return Denoised(x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u))
+
+
+@dataclass(eq=False)
+class GuidanceEmbedded(Denoiser):
+    """A guidance-distilled network (Meng et al. 2023, §3.1): the CFG scale is an input
+    (``guidance=``), so one pass gives the guided estimate. Calls without ``guidance=`` use
+    ``scale``."""
+
+    scale: float = 1.0
+
+    def __call__(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Denoised:
+        """The estimate at the call's (or the default) guidance scale."""
+        if "guidance" not in cond:
+            cond["guidance"] = torch.full((x.shape[0],), self.scale, device=x.device)
+        return super().__call__(x, t, **cond)
