@@ -153,3 +153,13 @@ def test_vae_resumes_exactly_mid_epoch(tmp_path):
     config.write_text(yaml.safe_dump(data))
     _keep_every_step(config)
     _check_resume(config, ["--model.init_args.measure_scale_batches=1"], total=7, stops=[2, 4])
+
+
+def test_progressive_student_resumes_exactly_across_a_round(tiny, tmp_path):
+    # rounds of 3 steps: the round-1 teacher (the round-0 student at step 3) is in the checkpoint
+    config = _student_config("progressive_shapes.yaml", tiny, tmp_path)
+    extra = [
+        "--model.init_args.method.init_args.rounds=[2, 1]",
+        "--model.init_args.method.init_args.steps_per_round=3",
+    ]
+    _check_resume(config, extra, total=7, stops=[2, 5])
