@@ -12,6 +12,7 @@ fewstep ship --config FIT.yaml --ckpt_path last.ckpt --out fewstep/assets/NAME  
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import sys
 import warnings
@@ -26,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from fewstep.lightning.final_checkpoint import FinalLastCheckpoint
 from fewstep.lightning.interrupt import GracefulStop, exit_status
 from fewstep.lightning.nonfinite import NonFiniteGuard
+from fewstep.lightning.run_folder import archive_previous_run
 
 
 def _tools() -> dict[str, Callable]:
@@ -111,11 +113,22 @@ class FewstepCLI(LightningCLI):
         if path and path not in ("last", "best", "hpc", "registry"):
             check_checkpoint_file(path)
 
+    def _archive_previous_run(self) -> None:
+        """A fresh fit (no ``--ckpt_path``) into a folder holding an earlier run moves that run
+        to ``<folder>/previous/<time>/`` (rank 0): curves are not mixed, nothing is lost."""
+        fresh = self.config[self.subcommand].get("ckpt_path") is None
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        if fresh and rank == 0 and self.trainer.log_dir is not None:
+            moved = archive_previous_run(self.trainer.log_dir)
+            if moved is not None:
+                print(f"note: the earlier run in {self.trainer.log_dir} moved to {moved}")
+
     def before_fit(self) -> None:
         """A first SIGINT/SIGTERM ends the fit after the current batch (GracefulStop); steps
         with NaN/inf gradients are skipped (NonFiniteGuard, default settings unless the config
         lists one); ``last.ckpt`` holds the final step (FinalLastCheckpoint: Lightning leaves it
         at the last step-triggered save when max_steps is not a multiple of the interval)."""
+        self._archive_previous_run()
         callbacks = self.trainer.callbacks
         for kind in (NonFiniteGuard, FinalLastCheckpoint):
             if not any(isinstance(c, kind) for c in callbacks):

@@ -179,3 +179,33 @@ def test_truncated_ckpt_path_is_one_clear_error(tmp_path):
     cut.write_bytes(teacher.ckpt.read_bytes()[:4000])
     with pytest.raises(SystemExit, match="cut.ckpt: not a complete checkpoint"):
         run(["validate", "-c", str(teacher.config), "--ckpt_path", str(cut)])
+
+
+def test_a_fresh_fit_into_a_used_folder_moves_the_earlier_run_aside(tmp_path):
+    from student_fixtures import build_tiny_teacher
+
+    teacher = build_tiny_teacher(tmp_path / "t")
+    logger = {"save_dir": str(tmp_path), "name": "run", "version": ""}
+    common = [
+        "fit",
+        "-c",
+        str(teacher.config),
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        *(f"--trainer.logger.init_args.{k}={v}" for k, v in logger.items()),
+    ]
+    run(common)
+    folder = tmp_path / "run"
+    first = sorted(p.name for p in folder.glob("events.out.tfevents*"))
+    assert first and list((folder / "checkpoints").glob("*.ckpt"))
+    run(common)  # fresh again: the first run moves to previous/<time>/
+    archived = list((folder / "previous").iterdir())
+    assert len(archived) == 1
+    assert sorted(p.name for p in archived[0].glob("events.out.tfevents*")) == first
+    assert list((archived[0] / "checkpoints").glob("*.ckpt"))
+    assert len(list(folder.glob("events.out.tfevents*"))) == 1  # only the new run's curves
+    last = next((folder / "checkpoints").glob("*.ckpt"))
+    run([*common, "--ckpt_path", str(last), "--trainer.max_steps=2"])
+    assert len(list((folder / "previous").iterdir())) == 1  # a resume keeps the folder
