@@ -22,12 +22,11 @@ from fewstep.diffusion import (
     RectifiedFlow,
 )
 from fewstep.diffusion.consistency import lcm_boundary
+from fewstep.diffusion.samplers import ddim_deterministic_step, euler_step
 from fewstep.distill import DistillBatch, Models
 from fewstep.distill.consistency import (
     ConsistencyDistillation,
     consistency_loss,
-    ddim_solver_step,
-    euler_solver_step,
     skipping_schedule,
 )
 from fewstep.models.dit import DiT
@@ -123,14 +122,14 @@ def test_teacher_solver_steps_equal_hand_computed_ddim_and_euler():
     t, s = torch.tensor([999.0, 519.0]), torch.tensor([979.0, 499.0])
     abar = ddpm.alphas_cumprod[s.long()]
     hand = abar.sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
-    torch.testing.assert_close(ddim_solver_step(d, s, ddpm), hand.float())
+    torch.testing.assert_close(ddim_deterministic_step(d, s, ddpm), hand.float())
     torch.testing.assert_close(
         ConsistencyDistillation().solver_step(d, x, t, s, ddpm), hand.float()
     )
     flow = RectifiedFlow()
     t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.98, 0.48])
     hand = x + (s - t).view(-1, 1, 1, 1) * (eps - x0)  # dx/dt = eps - x0
-    torch.testing.assert_close(euler_solver_step(d, x, t, s, flow), hand)
+    torch.testing.assert_close(euler_step(d, x, t, s, flow), hand)
     torch.testing.assert_close(ConsistencyDistillation().solver_step(d, x, t, s, flow), hand)
 
 

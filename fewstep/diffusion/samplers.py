@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoised, SamplerDenoiser
-from fewstep.diffusion.schedules import NoiseProcess, Spacing
+from fewstep.diffusion.schedules import NoiseProcess, Spacing, broadcast
 
 Timesteps = Tensor | Sequence[float]
 
@@ -124,6 +124,27 @@ def _velocity(denoiser: SamplerDenoiser, x: Tensor, t: float) -> Tensor:
     return float(d_alpha) * d.x0 + float(d_sigma) * d.eps
 
 
+def ddim_deterministic_step(d: Denoised, s: Tensor | float, process: NoiseProcess) -> Tensor:
+    """Deterministic DDIM step to time s (a scalar or per-sample [B]): x_s = alpha_s x̂0 +
+    sigma_s ε̂ (Song et al. 2021, eq. 12 at eta = 0); LCM's and progressive distillation's
+    teacher solver for any process."""
+    alpha, sigma = process.alpha_sigma(s)
+    return broadcast(alpha, d.x0) * d.x0 + broadcast(sigma, d.x0) * d.eps
+
+
+def euler_step(
+    d: Denoised, x: Tensor, t: Tensor | float, s: Tensor | float, process: NoiseProcess
+) -> Tensor:
+    """One Euler step of the probability-flow ODE from t to s (scalars or per-sample [B]):
+    x_s = x_t + (s - t) v, v = alpha'(t) x̂0 + sigma'(t) ε̂ (rectified flow: ε̂ - x̂0; Liu et al.
+    2022, eq. 1)."""
+    d_alpha, d_sigma = process.alpha_sigma_derivative(t)
+    x = x.to(d.x0.dtype)
+    v = broadcast(d_alpha, x) * d.x0 + broadcast(d_sigma, x) * d.eps
+    delta = torch.as_tensor(s, dtype=torch.float64) - torch.as_tensor(t, dtype=torch.float64)
+    return x + broadcast(delta, x) * v
+
+
 def euler_sample(
     denoiser: SamplerDenoiser,
     noise: Tensor,
@@ -134,7 +155,7 @@ def euler_sample(
     """Euler's method on the flow ODE dx/dt = v(x, t) (Liu et al. 2022; Esser et al. 2024)."""
     ts, x = _times(timesteps), _state(noise)
     for t, s in zip(ts[:-1], ts[1:], strict=True):
-        x = x + (s - t) * _velocity(denoiser, x, t)
+        x = euler_step(denoiser(x, torch.tensor(t)), x, t, s, denoiser.process)
     return x.to(noise.dtype)
 
 

@@ -16,7 +16,8 @@ from fewstep.diffusion.consistency import ConsistencyDenoiser
 from fewstep.diffusion.denoiser import Denoised, Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.losses import pseudo_huber
-from fewstep.diffusion.schedules import NoiseProcess, RectifiedFlow, broadcast
+from fewstep.diffusion.samplers import ddim_deterministic_step, euler_step
+from fewstep.diffusion.schedules import NoiseProcess, RectifiedFlow
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 
 Boundary = Literal["auto", "lcm", "x0"]
@@ -32,24 +33,6 @@ def consistency_loss(pred: Tensor, target: Tensor, kind: Loss = "huber", c: floa
     if kind == "l2":
         return (pred.float() - target.float()).pow(2).mean()
     raise ValueError(f"ConsistencyDistillation: loss must be 'huber' or 'l2', got {kind!r}")
-
-
-def ddim_solver_step(d: Denoised, s: Tensor, process: NoiseProcess) -> Tensor:
-    """Deterministic DDIM step to time s [B]: x_s = alpha_s x̂0 + sigma_s ε̂ (Song et al. 2021,
-    eq. 12 at eta = 0; LCM's Ψ for DDPM teachers)."""
-    alpha, sigma = process.alpha_sigma(s)
-    return broadcast(alpha, d.x0) * d.x0 + broadcast(sigma, d.x0) * d.eps
-
-
-def euler_solver_step(
-    d: Denoised, x: Tensor, t: Tensor, s: Tensor, process: NoiseProcess
-) -> Tensor:
-    """Euler step of the probability-flow ODE, x_s = x_t + (s - t) v, v = alpha'(t) x̂0 +
-    sigma'(t) ε̂ (rectified flow: ε̂ - x̂0; Liu et al. 2022, eq. 1)."""
-    d_alpha, d_sigma = process.alpha_sigma_derivative(t)
-    x = x.to(d.x0.dtype)
-    v = broadcast(d_alpha, x) * d.x0 + broadcast(d_sigma, x) * d.eps
-    return x + broadcast((s - t).to(torch.float64), x) * v
 
 
 def skipping_schedule(process: NoiseProcess, num_solver_steps: int) -> Tensor:
@@ -216,8 +199,8 @@ class ConsistencyDistillation(DistillationMethod):
         if solver == "auto":
             solver = "euler" if isinstance(process, RectifiedFlow) else "ddim"
         if solver == "euler":
-            return euler_solver_step(teacher, x, t, s, process)
-        return ddim_solver_step(teacher, s, process)
+            return euler_step(teacher, x, t, s, process)
+        return ddim_deterministic_step(teacher, s, process)
 
     def generator_loss(
         self, batch: DistillBatch, models: Models

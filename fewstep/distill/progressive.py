@@ -11,18 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.denoiser import Denoised, Denoiser
+from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.parameterization import from_x0_eps
+from fewstep.diffusion.samplers import ddim_deterministic_step
 from fewstep.diffusion.schedules import NoiseProcess, broadcast
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
-
-
-def ddim_to(d: Denoised, s: Tensor, process: NoiseProcess) -> Tensor:
-    """Deterministic DDIM step to time s [B]: x_s = alpha_s x̂0 + sigma_s ε̂ (Song et al. 2021,
-    eq. 12 at eta = 0)."""
-    alpha, sigma = process.alpha_sigma(s)
-    return broadcast(alpha, d.x0) * d.x0 + broadcast(sigma, d.x0) * d.eps
 
 
 def one_step_x0(x_t: Tensor, x_s: Tensor, t: Tensor, s: Tensor, process: NoiseProcess) -> Tensor:
@@ -89,8 +83,8 @@ class ProgressiveDistillation(DistillationMethod):
         x_t = process.add_noise(x0.float(), eps, t)
         with torch.no_grad():
             teacher = self.round_teacher(batch, models)
-            x_m = ddim_to(teacher(x_t, t), m, process)
-            x_s = ddim_to(teacher(x_m, m), s, process)
+            x_m = ddim_deterministic_step(teacher(x_t, t), m, process)
+            x_s = ddim_deterministic_step(teacher(x_m, m), s, process)
             x0_target = one_step_x0(x_t, x_s, t, s, process)
             alpha, sigma = (broadcast(c, x_t) for c in process.alpha_sigma(t))
             eps_target = (x_t - alpha * x0_target) / sigma
