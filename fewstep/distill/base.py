@@ -87,3 +87,15 @@ class DistillationMethod(nn.Module):
 
     def after_student_step(self, models: Models) -> None:
         """Hook after each student optimiser step (e.g. the EMA-target update)."""
+
+
+def add_guidance_embedding(student: Denoiser, method: str) -> None:
+    """Give the student network its zero-initialised CFG-scale embedding (LCM §4.2; Meng et
+    al. 2023), or one clear error naming ``method`` if the network has none to add."""
+    add = getattr(student.net, "add_guidance_embedding", None)
+    if add is None:
+        raise ValueError(
+            f"{method} needs a student network with add_guidance_embedding() (fewstep DiT); "
+            f"got {type(student.net).__name__}"
+        )
+    add()

@@ -18,7 +18,12 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.losses import pseudo_huber
 from fewstep.diffusion.samplers import ddim_deterministic_step, euler_step
 from fewstep.diffusion.schedules import NoiseProcess, RectifiedFlow
-from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+from fewstep.distill.base import (
+    DistillationMethod,
+    DistillBatch,
+    Models,
+    add_guidance_embedding,
+)
 
 Boundary = Literal["auto", "lcm", "x0"]
 Solver = Literal["auto", "ddim", "euler"]
@@ -84,13 +89,9 @@ class ConsistencyDistillation(DistillationMethod):
     def setup(self, models: Models) -> None:
         """Give the student its guidance embedding (if asked) and make θ⁻ = θ."""
         if self.guidance_embedding:
-            add = getattr(models.student.net, "add_guidance_embedding", None)
-            if add is None:
-                raise ValueError(
-                    "ConsistencyDistillation(guidance_embedding=True) needs a student network "
-                    f"with add_guidance_embedding() (fewstep DiT); got {type(models.student.net)}"
-                )
-            add()
+            add_guidance_embedding(
+                models.student, "ConsistencyDistillation(guidance_embedding=True)"
+            )
         target = copy.deepcopy(models.student.net).requires_grad_(False).eval()
         self._target = [target]
         if self._pending is not None:

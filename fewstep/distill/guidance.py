@@ -13,7 +13,12 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance, GuidanceEmbedded
 from fewstep.diffusion.parameterization import from_x0_eps
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, broadcast
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler, UniformDiscrete
-from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+from fewstep.distill.base import (
+    DistillationMethod,
+    DistillBatch,
+    Models,
+    add_guidance_embedding,
+)
 
 GuidanceRange = tuple[float, float]
 
@@ -48,13 +53,7 @@ class GuidanceDistillation(DistillationMethod):
 
     def setup(self, models: Models) -> None:
         """Give the student its (zero-initialised) guidance embedding; read the sampling scale."""
-        add = getattr(models.student.net, "add_guidance_embedding", None)
-        if add is None:
-            raise ValueError(
-                "GuidanceDistillation needs a student network with add_guidance_embedding() "
-                f"(fewstep DiT); got {type(models.student.net).__name__}"
-            )
-        add()
+        add_guidance_embedding(models.student, "GuidanceDistillation")
         self.sample_scale = models.guidance_scale
 
     def student_denoiser(self, student: Denoiser) -> Denoiser:
