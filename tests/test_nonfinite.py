@@ -85,3 +85,13 @@ def test_skip_count_survives_a_checkpoint():
     restored = NonFiniteGuard()
     restored.load_state_dict(guard.state_dict())
     assert restored.skipped == 3
+
+
+def test_all_finite_sees_nan_and_inf_but_not_large_finite_values():
+    from fewstep.lightning.nonfinite import all_finite
+
+    big = torch.tensor([1e30, -3e38])  # squares overflow float32: a 2-norm would say inf
+    assert all_finite([torch.ones(3), big, torch.zeros(0)])
+    assert not all_finite([torch.ones(3), torch.tensor([float("nan"), 1.0])])
+    assert not all_finite([torch.tensor([float("-inf")])])
+    assert all_finite([])
