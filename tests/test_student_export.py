@@ -123,7 +123,11 @@ def test_lcm_student_on_ddpm_matches_the_pipeline_at_1_2_4_steps(ddpm_teacher, t
         warnings.simplefilter("error", UserWarning)  # exact: no boundary or grid warning
         record = export(module, tmp_path / "lcm")
     calls = record["pipeline_calls"]
-    assert calls["4"]["timesteps"] == [999, 749, 499, 249] and calls["1"]["timesteps"] == [999]
+    assert {k: calls["4"][k] for k in ("num_inference_steps", "guidance_scale")} == {
+        "num_inference_steps": 4,
+        "guidance_scale": 1.0,
+    }
+    assert "timesteps" not in calls["4"]  # LCM's own picks: the plain call
     assert all(c["guidance_scale"] == 1.0 for c in calls.values())
     assert record["student"]["exact_steps"] == STEPS and record["pipeline_call"] == calls["4"]
     assert max(record["student"]["boundary"]["mismatch"].values()) < 1e-9
@@ -142,8 +146,12 @@ def test_euler_student_on_flow_matches_the_pipeline_at_1_2_4_steps(
     module = student(flow_teacher, Reflow(), sampler)
     record = export(module, tmp_path / "euler")
     calls = record["pipeline_calls"]
-    expected = sampler.with_steps(2).timesteps(module.process)[:-1].tolist()
-    assert calls["2"]["sigmas"] == pytest.approx(expected) and calls["2"]["guidance_scale"] == 1.0
+    expected = sampler.with_steps(4).timesteps(module.process)[:-1].tolist()
+    if timesteps is None:  # the scheduler's own walk: the plain call
+        assert "sigmas" not in calls["4"] and calls["4"]["num_inference_steps"] == 4
+    else:  # a custom grid is passed explicitly
+        assert calls["4"]["sigmas"] == pytest.approx(expected)
+    assert all(c["guidance_scale"] == 1.0 for c in calls.values())
     for n in STEPS:
         assert_close(pipeline_latents(tmp_path / "euler", n), ours(module, n))
 
@@ -278,3 +286,40 @@ def test_no_text_encoder_is_exported_for_a_cache_of_another_encoder(flow_teacher
     assert training_text_encoder(config)[0] is None
     config.write_text(json.dumps({"data": {"init_args": {"path": str(flow_teacher.cache)}}}))
     assert training_text_encoder(config)[0] == default_text_encoder_path()
+
+
+def plain_pipeline_latents(out: Path, n: int, seed: int = 7) -> Tensor:
+    """The exported pipeline called plainly: only the step count and guidance_scale=1 (plus the
+    inputs, and no resolution binning, which PixArtSigmaPipeline refuses for a 16-latent model)."""
+    text, mask, noise = text_and_noise()
+    pipe = PixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt_embeds=text,
+        prompt_attention_mask=mask,
+        negative_prompt=None,
+        num_inference_steps=n,
+        guidance_scale=1.0,
+        use_resolution_binning=False,
+        latents=noise.clone(),
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
+@pytest.mark.parametrize("kind", ["lcm_ddpm", "euler_flow"])
+def test_a_plain_pipeline_call_reproduces_the_student_at_each_step_count(
+    kind, ddpm_teacher, flow_teacher, tmp_path
+):
+    if kind == "lcm_ddpm":
+        module = student(ddpm_teacher, ConsistencyDistillation(), Consistency(steps=4))
+    else:
+        module = student(flow_teacher, Reflow(), Euler(steps=4))
+    record = export(module, tmp_path / kind)
+    for n in STEPS:  # the recorded call is the plain one: no timesteps/sigmas to pass
+        assert set(record["pipeline_calls"][str(n)]) <= {
+            "num_inference_steps",
+            "guidance_scale",
+            "use_resolution_binning",
+        }
+        assert_close(plain_pipeline_latents(tmp_path / kind, n), ours(module, n))

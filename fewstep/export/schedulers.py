@@ -321,7 +321,10 @@ def _lcm_schedule(
     mismatch = lcm_boundary_mismatch(scheduler, boundary, process, every)
     _warn_boundary(mismatch)
     binning = pipeline_call_kwargs(scheduler, process, None, sample_size)
-    calls = {n: {**binning, "timesteps": ts, "guidance_scale": 1.0} for n, ts in times.items()}
+    calls = {
+        n: {**binning, **_lcm_walk(scheduler, n, ts), "guidance_scale": 1.0}
+        for n, ts in times.items()
+    }
     notes = {
         "boundary": {
             "kind": boundary.kind,
@@ -334,6 +337,20 @@ def _lcm_schedule(
         "seed as StudentModule.student_latents(generator=) gives the same samples",
     }
     return StudentSchedule(scheduler, calls, notes)
+
+
+def _default_walk(scheduler: Any, n: int) -> Any:
+    """The scheduler after ``set_timesteps(n)`` with no custom grid (what a plain call walks)."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(n)
+    return probe
+
+
+def _lcm_walk(scheduler: Any, n: int, times: list[int]) -> dict[str, Any]:
+    """``num_inference_steps`` alone when LCMScheduler's own n-step picks are ``times``, else
+    the explicit ``timesteps`` too."""
+    same = _default_walk(scheduler, n).timesteps.tolist() == times
+    return {"num_inference_steps": n} if same else {"timesteps": times}
 
 
 def _warn_boundary(mismatch: dict[int, float]) -> None:
@@ -354,8 +371,11 @@ def _sampler_call(
     """Pipeline kwargs for one step count of a teacher-type sampler, without CFG; a flow grid
     is always given explicitly as sigmas (the scheduler shifts them)."""
     call = pipeline_call_kwargs(scheduler, process, sampler, sample_size)
-    if isinstance(process, RectifiedFlow):
-        call["sigmas"] = _unshift(sampler.timesteps(process)[:-1], process.shift).tolist()
+    if isinstance(process, RectifiedFlow):  # the plain call when the default walk is ours
+        ours = sampler.timesteps(process)[:-1]
+        walked = _default_walk(scheduler, sampler.steps).sigmas[:-1].double().cpu()
+        if not torch.allclose(walked, ours, atol=1e-6):
+            call["sigmas"] = _unshift(ours, process.shift).tolist()
     return {**call, "guidance_scale": 1.0}
 
 
