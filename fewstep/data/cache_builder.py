@@ -1,7 +1,11 @@
 """Build a latent cache (see :mod:`fewstep.data.cache`) from an image–caption dataset.
 
 Latents are stored as the VAE posterior mean and std, text embeddings as their valid tokens
-only. Shard k holds dataset indices [k*S, (k+1)*S); under DDP rank r writes the shards with
+only. A text encoder with a second, pooled output (``pooled(captions) -> [B, Dv]``, FLUX.1's CLIP
+vector) also gets a per-sample ``pooled_text.npy`` in each shard and its null vector in the build
+config; caches of single-output encoders are written exactly as before.
+
+Shard k holds dataset indices [k*S, (k+1)*S); under DDP rank r writes the shards with
 k % world_size == r and rank 0 merges the manifest. Rerunning skips finished shards.
 """
 
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 from fewstep.data import cache, cache_write
 
 DTYPES = ("float16", "float32")
+POOLED = "pooled_text"  # per-sample extra array of a text encoder's pooled output [N, Dv]
 
 
 class ImageEncoder(Protocol):
@@ -35,7 +40,8 @@ class ImageEncoder(Protocol):
 
 
 class TextEncoder(Protocol):
-    """What the builder needs of a text encoder."""
+    """What the builder needs of a text encoder (optionally also ``pooled(captions)`` [B, Dv]
+    and ``null_pooled()`` [1, Dv], as FluxTextEncoder has)."""
 
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]: ...
 
@@ -100,13 +106,29 @@ def build_config(
             "scaling_factor": _scalar(vae.scaling_factor),
             "shift_factor": _scalar(getattr(vae, "shift_factor", None)),
         },
-        "text_encoder": {"fingerprint": dict(text_encoder.fingerprint())},
+        "text_encoder": text_encoder_config(text_encoder, dtype),
         "preprocessing": {
             "resolution": int(height) if height == width else [int(height), int(width)],
             "crop": crop,
             "dataset": describe_dataset(dataset),
         },
     }
+
+
+def has_pooled(text_encoder: Any) -> bool:
+    """Whether the text encoder has a pooled output to cache (e.g. FLUX.1's CLIP vector)."""
+    return callable(getattr(text_encoder, "pooled", None))
+
+
+def text_encoder_config(text_encoder: TextEncoder, dtype: str) -> dict[str, Any]:
+    """The text encoder's build-config entry: its fingerprint (for two encoders, both: e.g.
+    t5_* and clip_*), plus the pooled output's array name, width and null vector if it has one."""
+    entry: dict[str, Any] = {"fingerprint": dict(text_encoder.fingerprint())}
+    if has_pooled(text_encoder):
+        with torch.inference_mode():
+            null = _to_numpy(text_encoder.null_pooled(), dtype, "null pooled text")[0]
+        entry["pooled"] = {"array": POOLED, "dim": int(null.shape[0]), "null": null.tolist()}
+    return entry
 
 
 def _to_numpy(x: Tensor, dtype: str, what: str) -> np.ndarray:
@@ -155,12 +177,17 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def encode_batch(
     batch: dict[str, Any], vae: ImageEncoder, text_encoder: TextEncoder, dtype: str
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
-    """(mean, std, valid text tokens, records) of one dataset batch."""
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[dict[str, Any]], dict[str, np.ndarray]]:
+    """(mean, std, valid text tokens, records, extra per-sample arrays) of one dataset batch."""
+    extra: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         mean, std = vae.encode_moments(batch["image"].to(_device(vae)))
         emb, mask = text_encoder(batch["caption"])
+        if has_pooled(text_encoder):
+            extra[POOLED] = _to_numpy(text_encoder.pooled(batch["caption"]), dtype, "pooled text")
     n = len(batch["caption"])
+    if any(len(array) != n for array in extra.values()):
+        raise ValueError(f"the text encoder's pooled output has {len(extra[POOLED])} rows for {n}")
     if mean.shape != std.shape or len(mean) != n or len(emb) != n:
         raise ValueError(
             f"encoders returned mean {tuple(mean.shape)}, std {tuple(std.shape)}, "
@@ -175,6 +202,7 @@ def encode_batch(
         _to_numpy(std, dtype, "VAE posterior std"),
         valid_tokens(emb, mask, dtype, "text embedding"),
         records,
+        extra,
     )
 
 
@@ -314,7 +342,8 @@ def _write(
         warnings.warn(
             f"cache: skipped unreadable sample {item['index']} ({item['reason']})", stacklevel=2
         )
-    mean, std, texts, records = zip(*parts, strict=True) if parts else ([], [], [], [])
+    mean, std, texts, records, extras = zip(*parts, strict=True) if parts else ([], [], [], [], [])
+    extra = {key: np.concatenate([e[key] for e in extras]) for key in (extras[0] if parts else {})}
     cache_write.write_shard(
         root,
         shard,
@@ -322,6 +351,7 @@ def _write(
         np.concatenate(std) if parts else np.zeros((0,)),
         [t for ts in texts for t in ts],
         [r for rs in records for r in rs],
+        extra=extra,
         skipped=skipped,
         truncated_captions=truncated_captions,
     )
