@@ -64,7 +64,8 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
     EMA-averaged (the EMA callback averages ``ema_target`` = the student), and not saved in
     checkpoints — only its identity (paths + sha256 of its weights), verified on resume. With
     ``method.num_optimizers == 2`` training uses manual optimisation (student step, then the
-    method's discriminator step); clip with ``gradient_clip_val`` here (Lightning refuses
+    method's discriminator step; a method may skip the student step by a two time-scale rule,
+    ``generator_step_due(global_step)``); clip with ``gradient_clip_val`` here (Lightning refuses
     Trainer.gradient_clip_val under manual optimisation; in automatic mode either works).
 
     The student is sampled by ``sampler`` (its schedule is saved in checkpoints) through
@@ -258,19 +259,29 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         self._manual_step(distill)
         return None
 
+    def _generator_step_due(self) -> bool:
+        """The method's two time-scale rule at this global step (``generator_step_due``, e.g.
+        DMD2's), else True: a function of the global step alone, so resume stays exact."""
+        due = getattr(self.method, "generator_step_due", None)
+        return True if due is None else bool(due(self.global_step))
+
     def _manual_step(self, batch: DistillBatch) -> None:
-        """Student step then discriminator step, each with only its own parameters trainable
-        (toggled), backward through the precision plugin, gradients clipped in
-        ``on_before_optimizer_step`` (after AMP unscaling); schedulers stepped per batch."""
+        """Student step (when due) then discriminator step, each with only its own parameters
+        trainable (toggled), backward through the precision plugin, gradients clipped in
+        ``on_before_optimizer_step`` (after AMP unscaling); each stepped optimiser's scheduler
+        stepped per batch."""
         opt_g, opt_d = self.optimizers()
         b = batch.latents.shape[0]
-        with self.toggled_optimizer(opt_g):
-            loss, logs = self.method.generator_loss(batch, self.models)
-            self.manual_backward(loss)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-        self.method.after_student_step(self.models)
-        self._log_losses("train/", loss, logs, b)
+        stepped = [opt_d.optimizer]
+        if self._generator_step_due():
+            with self.toggled_optimizer(opt_g):
+                loss, logs = self.method.generator_loss(batch, self.models)
+                self.manual_backward(loss)
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+            self.method.after_student_step(self.models)
+            self._log_losses("train/", loss, logs, b)
+            stepped.append(opt_g.optimizer)
         with self.toggled_optimizer(opt_d):
             loss, logs = self.method.discriminator_loss(batch, self.models)
             self.manual_backward(loss)
@@ -279,7 +290,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         self._log_losses("train/disc_", loss, logs, b)
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            if scheduler is not None:
+            if scheduler is not None and any(scheduler.optimizer is o for o in stepped):
                 scheduler.step()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
