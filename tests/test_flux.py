@@ -277,6 +277,9 @@ def test_pretrained_flux_matches_diffusers_and_reads_vae_factors(flux_dir: Path,
     else:
         expected = state_dict_from_diffusers(ref.state_dict())
         assert all(torch.equal(v, expected[k].bfloat16()) for k, v in net.state_dict().items())
+        out, reference = ours_out(net, inp), diffusers_out(ref, inp)  # float32 inputs
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 def test_pretrained_flux_loads_sharded_weights(tmp_path: Path, flux_dir: Path):

@@ -160,7 +160,7 @@ class Flux(nn.Module):
         b, _, h, w = x.shape
         if h % PACK or w % PACK:
             raise ValueError(f"Flux: latent size {h}x{w} must be even (2x2 packing).")
-        img = self.img_in(pack_latents(x))  # [B, N, D]
+        img = self.img_in(pack_latents(x).to(self.img_in.weight.dtype))  # [B, N, D]
         txt = self.txt_in(text.to(img.dtype))  # [B, L, D]
         vec = self.vector(t, cond, guidance, b, img.dtype)  # [B, D]
         rope = self.rope(txt.shape[1], h // PACK, w // PACK, x.device)
