@@ -28,13 +28,15 @@ from fewstep.data.datamodule import CachedLatentDataModule
 from fewstep.diffusion import Consistency, DiscreteDDPM, Euler
 from fewstep.diffusion.consistency import lcm_boundary
 from fewstep.distill.consistency import ConsistencyDistillation
+from fewstep.distill.guidance import GuidanceDistillation
 from fewstep.distill.reflow import Reflow
+from fewstep.export.guided_pixart import GuidedPixArtSigmaPipeline, GuidedPixArtTransformer2DModel
 from fewstep.export.pixart_pipeline import EXPORT_RECORD, export_student_pipeline
 from fewstep.export.schedulers import X0_TIMESTEP_SCALING, Boundary
 from fewstep.lightning.checkpoints import apply_ema, ema_state, load_module
 from fewstep.lightning.ema import EMA
 from fewstep.lightning.student_module import StudentModule
-from fewstep.models.dit_convert import state_dict_to_diffusers
+from fewstep.models.dit_convert import from_diffusers, state_dict_to_diffusers, to_diffusers
 from fewstep.models.text_encoder import TextEncoder, default_text_encoder_path
 from fewstep.tools.export import training_text_encoder
 
@@ -189,9 +191,7 @@ def test_small_student_timesteps_warn_of_the_boundary_gap(ddpm_teacher, tmp_path
 
 
 def test_unexportable_students_raise_clear_errors(ddpm_teacher, tmp_path):
-    guided = ConsistencyDistillation(guidance_scale=(1.5, 3.0), guidance_embedding=True)
     cases = [
-        (guided, Consistency(steps=2), r"guidance-scale embedding.*guidance_embedding: false"),
         (Reflow(), Euler(steps=2), r"flow time.*rectified-flow teacher"),
         (ConsistencyDistillation(), Consistency(timesteps=[998.5, 499.0]), r"integer timesteps"),
         (ConsistencyDistillation(), Euler(steps=2), r"sample it with Consistency"),
@@ -323,3 +323,66 @@ def test_a_plain_pipeline_call_reproduces_the_student_at_each_step_count(
             "use_resolution_binning",
         }
         assert_close(plain_pipeline_latents(tmp_path / kind, n), ours(module, n))
+
+
+def guided_pipeline_latents(out: Path, n: int, scale: float, seed: int = 7) -> Tensor:
+    """The exported guided pipeline at n steps and embedded CFG scale ``scale``."""
+    text, mask, noise = text_and_noise()
+    pipe = GuidedPixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
+    assert isinstance(pipe.transformer, GuidedPixArtTransformer2DModel)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt_embeds=text,
+        prompt_attention_mask=mask,
+        negative_prompt=None,
+        num_inference_steps=n,
+        guidance_scale=scale,
+        use_resolution_binning=False,
+        latents=noise.clone(),
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
+@pytest.mark.parametrize("kind", ["guidance_flow", "lcm_w_ddpm"])
+def test_guidance_embedded_students_export_with_the_scale_in_the_pipeline_call(
+    kind, ddpm_teacher, flow_teacher, tmp_path
+):
+    if kind == "guidance_flow":  # guidance distillation (Meng et al. 2023 stage one)
+        module = student(flow_teacher, GuidanceDistillation((1.0, 6.0)), Euler(steps=4))
+    else:  # LCM's w-conditioned consistency student (LCM §4.2)
+        method = ConsistencyDistillation(
+            guidance_scale=(1.5, 3.0), guidance_embedding=True, sample_guidance_scale=2.5
+        )
+        module = student(ddpm_teacher, method, Consistency(steps=4))
+    assert module.student.g_embedder[2].weight.abs().sum() > 0  # perturbed: the scale matters
+    record = export(module, tmp_path / kind)
+    scale = 2.5 if kind == "lcm_w_ddpm" else module.guidance_scale
+    assert record["pipeline_class"].endswith("guided_pixart.GuidedPixArtSigmaPipeline")
+    assert all(c["guidance_scale"] == scale for c in record["pipeline_calls"].values())
+    assert "GuidedPixArtSigmaPipeline" in (tmp_path / kind / "README.md").read_text()
+    for n in STEPS:
+        assert_close(guided_pipeline_latents(tmp_path / kind, n, scale), ours(module, n))
+    other = guided_pipeline_latents(tmp_path / kind, 2, scale + 2.0)
+    assert (other - ours(module, 2)).abs().max() > 1e-3  # the call's scale reaches the network
+
+
+def test_a_guided_transformer_round_trips_and_asks_for_its_scale(flow_teacher):
+    module = student(flow_teacher, GuidanceDistillation(), Euler(steps=2))
+    dit = module.student
+    model = to_diffusers(dit, GuidedPixArtTransformer2DModel)
+    back = from_diffusers(model)
+    ours_sd, back_sd = dit.state_dict(), back.state_dict()
+    assert set(ours_sd) == set(back_sd) and "g_embedder.2.weight" in back_sd
+    assert all(torch.equal(ours_sd[k], back_sd[k]) for k in ours_sd)
+    with pytest.raises(ValueError, match="GuidedPixArtTransformer2DModel"):
+        to_diffusers(dit)
+    x, t = torch.randn(1, 8, 16, 16), torch.tensor([500.0])
+    text = torch.randn(1, 5, TEXT_DIM)
+    with pytest.raises(ValueError, match="needs the CFG scale"):
+        model(
+            x,
+            encoder_hidden_states=text,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )

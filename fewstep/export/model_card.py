@@ -29,6 +29,8 @@ def model_card(record: dict[str, Any], eval_table: str | None = None) -> str:
     what = "distilled student" if student else "diffusion model (teacher)"
     teacher = record.get("teacher") or {}
     call = record.get("pipeline_call", {})
+    module, _, name = record.get("pipeline_class", "diffusers.PixArtSigmaPipeline").rpartition(".")
+    module = "diffusers" if module.startswith("diffusers") else module
     lines = [
         FRONT_MATTER.format(extra=", distillation" if student else ""),
         f"# A {what} exported by fewstep",
@@ -50,9 +52,9 @@ def model_card(record: dict[str, Any], eval_table: str | None = None) -> str:
         "## Use",
         "",
         "```python",
-        "from diffusers import PixArtSigmaPipeline",
+        f"from {module} import {name}",
         "",
-        'pipe = PixArtSigmaPipeline.from_pretrained("<this folder>")',
+        f'pipe = {name}.from_pretrained("<this folder>")',
         f"call = {json.dumps(call, default=str)}",
         "images = pipe(prompt=[...], clean_caption=False, **call).images",
         "```",

@@ -144,13 +144,22 @@ def _write_pipeline(
     overwrite: bool,
 ) -> Path:
     """Save the pipeline and ``record`` (as fewstep_export.json) to ``out`` atomically."""
-    from diffusers import PixArtSigmaPipeline
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 
-    transformer = to_diffusers(dit).to("cpu", torch.float32).eval()
+    pipeline_class, model_class = PixArtSigmaPipeline, PixArtTransformer2DModel
+    if dit.g_embedder is not None:  # a guidance-embedded student
+        from fewstep.export.guided_pixart import (
+            GuidedPixArtSigmaPipeline,
+            GuidedPixArtTransformer2DModel,
+        )
+
+        pipeline_class, model_class = GuidedPixArtSigmaPipeline, GuidedPixArtTransformer2DModel
+    record["pipeline_class"] = f"{pipeline_class.__module__}.{pipeline_class.__name__}"
+    transformer = to_diffusers(dit, model_class).to("cpu", torch.float32).eval()
     text_encoder, tokenizer = (
         _text_components(text_encoder_path) if text_encoder_path is not None else (None, None)
     )
-    pipe = PixArtSigmaPipeline(
+    pipe = pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=_autoencoder(vae),

@@ -198,6 +198,10 @@ X0_TIMESTEP_SCALING = 1.0e6  # LCM scalings (c_skip, c_out) = (0, 1) within 1e-1
 BOUNDARY_TOLERANCE = 1e-6  # |Δc_skip| + |Δc_out| between ours and diffusers' above which we warn
 NO_CFG = "the student runs without CFG (distilled in): guidance_scale 1, PixArtSigmaPipeline "
 NO_CFG += "applies CFG only when guidance_scale > 1"
+EMBEDDED_CFG = (
+    "guidance-embedded student: GuidedPixArtSigmaPipeline (fewstep.export.guided_pixart) "
+)
+EMBEDDED_CFG += "feeds guidance_scale to the scale embedding, one network pass per step"
 
 
 @dataclass(frozen=True)
@@ -241,16 +245,22 @@ class StudentSchedule:
     notes: dict[str, Any] = field(default_factory=dict)  # for fewstep_export.json
 
 
+def embedded_scale(denoiser: Denoiser) -> float | None:
+    """The CFG scale a guidance-embedded student samples at (Meng et al. 2023; LCM §4.2), or None
+    for a student without the embedding."""
+    if getattr(denoiser.net, "g_embedder", None) is None:
+        return None
+    scale = getattr(denoiser, "scale", None)  # GuidanceEmbedded
+    scale = getattr(denoiser, "guidance", None) if scale is None else scale  # ConsistencyDenoiser
+    return None if scale is None else float(scale)
+
+
 def check_student_exportable(denoiser: Denoiser) -> None:
     """Refuse students no diffusers PixArt pipeline can run, naming the reason."""
-    if (
-        getattr(denoiser, "guidance", None) is not None
-        or getattr(denoiser.net, "g_embedder", None) is not None
-    ):
+    if getattr(denoiser.net, "g_embedder", None) is not None and embedded_scale(denoiser) is None:
         raise ValueError(
-            "Cannot export a student with a guidance-scale embedding (ConsistencyDistillation "
-            "guidance_embedding: true): diffusers' PixArtTransformer2DModel has none. Distill with "
-            "guidance_embedding: false (a fixed CFG scale or range) to export."
+            f"Cannot export {type(denoiser).__name__} over a guidance-embedded network: it names "
+            "no CFG scale to sample at (GuidanceEmbedded.scale or ConsistencyDenoiser.guidance)."
         )
     if isinstance(denoiser.process, FlowTime):
         raise ValueError(
@@ -427,5 +437,12 @@ def student_schedule(
         walk = {n: sampler.with_steps(n) for n in steps}
         calls = {n: _sampler_call(scheduler, process, s, sample_size) for n, s in walk.items()}
         schedule = StudentSchedule(scheduler, calls)
-    schedule.notes.update(guidance=NO_CFG, exact_steps=sorted(schedule.calls))
+    scale = embedded_scale(denoiser)
+    if scale is None:
+        schedule.notes.update(guidance=NO_CFG)
+    else:  # the pipeline's guidance_scale feeds the embedding (GuidedPixArtSigmaPipeline)
+        for call in schedule.calls.values():
+            call["guidance_scale"] = scale
+        schedule.notes.update(guidance=EMBEDDED_CFG)
+    schedule.notes.update(exact_steps=sorted(schedule.calls))
     return schedule

@@ -24,6 +24,9 @@ _TOP = {  # ours -> diffusers (module paths; .weight/.bias follow)
     "y_embedder.fc1": "caption_projection.linear_1",
     "y_embedder.fc2": "caption_projection.linear_2",
     "final_layer.linear": "proj_out",
+    # the CFG-scale embedding of guidance-embedded students (fewstep.export.guided_pixart)
+    "g_embedder.0": "guidance_embedder.linear_1",
+    "g_embedder.2": "guidance_embedder.linear_2",
 }
 _BLOCK = {  # inside blocks.{i} -> transformer_blocks.{i}; a tuple is a fused linear (dim 0)
     "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
@@ -101,11 +104,6 @@ def state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def diffusers_config(dit: DiT) -> dict[str, Any]:
     """The ``PixArtTransformer2DModel`` config of a DiT (PixArt-Σ: no size conditioning)."""
     c = dit.config()
-    if c.get("guidance_embed"):
-        raise ValueError(
-            "DiT with guidance_embed=True cannot be exported: diffusers' PixArt has no "
-            "guidance-scale embedding (distill with guidance_embedding: false to export)."
-        )
     if c["qk_norm"]:
         raise ValueError(
             "DiT with qk_norm=True cannot be exported: diffusers' PixArt has no QK-norm."
@@ -195,10 +193,18 @@ def dit_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any
     )
 
 
-def to_diffusers(dit: DiT) -> PixArtTransformer2DModel:
-    """A diffusers ``PixArtTransformer2DModel`` carrying a DiT's weights (same device and dtype)."""
+def to_diffusers(
+    dit: DiT, model_class: type[PixArtTransformer2DModel] = PixArtTransformer2DModel
+) -> PixArtTransformer2DModel:
+    """A diffusers ``model_class`` (``PixArtTransformer2DModel`` or a subclass with a
+    ``guidance_embedder``) carrying a DiT's weights (same device and dtype)."""
+    if dit.g_embedder is not None and model_class is PixArtTransformer2DModel:
+        raise ValueError(
+            "DiT with guidance_embed=True has a CFG-scale embedding diffusers' PixArt lacks: "
+            "export it as fewstep.export.guided_pixart.GuidedPixArtTransformer2DModel."
+        )
     param = next(dit.parameters())
-    model = PixArtTransformer2DModel(**diffusers_config(dit))
+    model = model_class(**diffusers_config(dit))
     model.load_state_dict(state_dict_to_diffusers(dit.state_dict()), strict=True)
     model = model.to(param.device)
     return model if param.dtype == torch.float32 else model.to(param.dtype)
@@ -207,6 +213,7 @@ def to_diffusers(dit: DiT) -> PixArtTransformer2DModel:
 def from_diffusers(model: PixArtTransformer2DModel) -> DiT:
     """A DiT carrying a diffusers ``PixArtTransformer2DModel``'s weights (same device and dtype)."""
     param = next(model.parameters())
-    dit = DiT(**dit_kwargs_from_diffusers_config(dict(model.config)))
+    kwargs = dit_kwargs_from_diffusers_config(dict(model.config))
+    dit = DiT(**kwargs, guidance_embed=hasattr(model, "guidance_embedder"))
     dit.load_state_dict(state_dict_from_diffusers(model.state_dict()), strict=True)
     return dit.to(device=param.device, dtype=param.dtype)
