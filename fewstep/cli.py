@@ -7,6 +7,7 @@ fewstep export -c FIT.yaml --ckpt_path last.ckpt --out DIR  # teacher/student as
 fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (noise, sample)
 fewstep shapes-features --out fewstep/assets/shapes_features  # the FID feature network
 fewstep ship --config FIT.yaml --ckpt_path last.ckpt --out fewstep/assets/NAME  # a shipped teacher
+fewstep evaluate -c metrics.yaml --images DIR --reference DIR --out DIR  # FID, CLIPScore, ...
 """
 
 from __future__ import annotations
@@ -52,16 +53,20 @@ def _tools() -> dict[str, Callable]:
     from fewstep.tools.ship import ship
 
     tools["ship"] = ship
+    from fewstep.tools.evaluate import evaluate
+
+    tools["evaluate"] = evaluate
     return tools
 
 
-TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features", "ship")
+TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features", "ship", "evaluate")
 TOP_HELP = (
     "fewstep: train a latent DiT teacher and distil it into a 1-4 step student. Training and "
     "evaluation: fit, validate, test, predict (LightningCLI, below). Tools, each with its own "
     "--help: shapes (render and score the shapes world), cache (latent/text cache), couplings "
     "(teacher noise-sample pairs), export (a diffusers pipeline), shapes-features (train the "
-    "feature network), ship (package a teacher as a shipped model)."
+    "feature network), ship (package a teacher as a shipped model), evaluate (FID, KID, CMMD, "
+    "CLIPScore, HPSv2, GenEval of generated images, weights from local paths)."
 )
 
 
@@ -144,6 +149,10 @@ def run(args: list[str] | None = None) -> object:
     # Two-optimiser students checkpoint the state after each step on purpose (resume is tested
     # to continue exactly); Lightning's warning about it, with its code sample, is noise here.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # Our datamodules resume mid-epoch exactly (fewstep.data.resumable.ResumableSampler starts at
+    # the restored fit loop's batch; tests/test_resume_exact.py), so Lightning's warning that a
+    # non-stateful dataloader cannot is wrong for them.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
     return FewstepCLI(
         LightningModule,
         LightningDataModule,
