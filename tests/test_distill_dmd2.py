@@ -289,7 +289,9 @@ def test_bad_config_is_one_clear_error(kwargs, match):
         DMD2(**kwargs)
 
 
-def test_gan_head_needs_a_dit_teacher():
+def test_gan_head_needs_a_dit_teacher_and_existing_blocks():
+    with pytest.raises(ValueError, match="DMD2 gan_feature_blocks: .*3 blocks"):
+        DMD2(gan_weight=0.1, gan_feature_blocks=[7]).setup(guided_models())
     models = guided_models()
     models.teacher.net = nn.Linear(2, 2)  # no blocks
     with pytest.raises(TypeError, match="gan_weight"):
@@ -333,7 +335,9 @@ def test_dmd2_config_fits_validates_and_resumes_on_the_ttur_schedule(tiny_teache
 
 
 def test_dmd2_resumes_exactly_mid_epoch_with_the_gan_head(tiny_teacher, tmp_path):
-    # N = 3: batches 0, 3, 6 step both (global steps 0->2, 4->6, 8->10); 4 batches an epoch
+    # N = 3: batches 0, 3, 6 step both (global steps 0->2, 4->6, 8->10); 4 batches an epoch. The
+    # stop at 4 (mid-epoch 0) resumes into a student batch and crosses the epoch; the stop at 7
+    # (mid-epoch 1, mid-cycle) fails for any clock other than the restored global step.
     extra = [
         "--model.init_args.method.init_args.fake_steps_per_generator_step=3",
         "--model.init_args.method.init_args.gan_weight=0.1",

@@ -131,7 +131,10 @@ class DMD2(DistillationMethod):
                 f"DMD2 gan_weight > 0: the teacher network {type(net).__name__} must be a fewstep "
                 "DiT (blocks + config()) for the GAN head; set gan_weight: 0.0 otherwise."
             )
-        self.block_indices = resolve_blocks(self.gan_feature_blocks, len(blocks))
+        try:
+            self.block_indices = resolve_blocks(self.gan_feature_blocks, len(blocks))
+        except ValueError as err:
+            raise ValueError(f"DMD2 gan_feature_blocks: {err}") from None
         device = next(net.parameters()).device
         return FeatureDiscriminatorHeads(
             num_heads=len(self.block_indices),
