@@ -195,6 +195,27 @@ class LatentCache:
         """VAE latent shift factor stored at build time."""
         return float(self.manifest["vae"]["shift_factor"])
 
+    @property
+    def pooled(self) -> dict[str, Any] | None:
+        """The pooled text output's manifest entry {"array", "dim", "null"} (FLUX.1's CLIP
+        vector), or None for a single-output text encoder's cache."""
+        return self.manifest["text_encoder"].get("pooled")
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width Dv of the stored pooled text vectors, or None if the cache has none."""
+        return None if self.pooled is None else int(self.pooled["dim"])
+
+    def null_pooled(self) -> np.ndarray | None:
+        """The pooled vector [Dv] float32 of the null (empty) caption, or None without one."""
+        return None if self.pooled is None else np.asarray(self.pooled["null"], np.float32)
+
+    def read_pooled(self, indices: Sequence[int]) -> np.ndarray:
+        """Pooled text vectors [B, Dv] float32 of ``indices`` (the cache must store them)."""
+        if self.pooled is None:
+            raise CacheError(f"Cache {self.root} stores no pooled text vectors")
+        return self.read_array(self.pooled["array"], indices).astype(np.float32)
+
     def _folder(self, k: int) -> Path:
         return self.root / self.manifest["shards"][k]["name"]
 

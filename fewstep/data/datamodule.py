@@ -1,16 +1,18 @@
 """CachedLatentDataModule: batches of normalised latents and padded text from a latent cache.
 
 A batch is ``{"latents": [B,C,h,w] float32, "text": [B,L,D] float32 (zero padded),
-"text_mask": [B,L] bool, "caption": list[str], "metadata": list[dict], "index": [B] long}``
-where ``latents = (z - shift_factor) * scaling_factor`` and ``z`` is the posterior mean (or a
-posterior sample with ``sample_posterior``). Whole batches are read at once (``__getitems__``).
+"text_mask": [B,L] bool, "caption": list[str], "metadata": list[dict], "index": [B] long}``,
+plus ``"cond": [B,Dv] float32`` (the pooled text vector, FLUX.1's CLIP one) when the cache
+stores one or ``pooled_text="mean_tokens"`` asks for it. ``latents = (z - shift_factor) *
+scaling_factor`` where ``z`` is the posterior mean (or a posterior sample with
+``sample_posterior``). Whole batches are read at once (``__getitems__``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -21,6 +23,12 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from fewstep.data.cache import LatentCache, Verify, check_fingerprint
 from fewstep.data.resumable import ResumableSampler, resumable_sampler
 from fewstep.utils.seeding import mix_seed
+
+# Where a batch's pooled text vector ("cond") comes from: "cache" = the stored one if the cache
+# has it (a FLUX.1 cache), else none; "mean_tokens" = the mean of the valid text tokens (mean
+# pooling, Reimers & Gurevych 2019: the MiniLM sentence embedding before normalisation), so that a
+# network taking a pooled vector (Flux) trains on a single-encoder cache; "none" = never.
+PooledText = Literal["cache", "mean_tokens", "none"]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -48,7 +56,7 @@ def collate(batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     if isinstance(batch, dict):
         return batch
     text, mask = pad_texts([s["text"].numpy() for s in batch], batch[0]["text"].shape[-1])
-    return {
+    out = {
         "latents": torch.stack([s["latents"] for s in batch]),
         "text": text,
         "text_mask": mask,
@@ -56,6 +64,18 @@ def collate(batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
         "metadata": [s["metadata"] for s in batch],
         "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),
     }
+    if "cond" in batch[0]:
+        out["cond"] = torch.stack([s["cond"] for s in batch])  # [B, Dv]
+    return out
+
+
+def mean_tokens(texts: Sequence[np.ndarray], dim: int) -> np.ndarray:
+    """The mean of each sample's valid tokens [B, D] float32 (zeros for an empty text)."""
+    out = np.zeros((len(texts), dim), np.float32)
+    for row, tokens in zip(out, texts, strict=True):
+        if len(tokens):
+            row[:] = np.asarray(tokens, np.float32).mean(axis=0)
+    return out
 
 
 class CachedLatentDataset(Dataset):
@@ -69,6 +89,7 @@ class CachedLatentDataset(Dataset):
         sample_posterior: bool = False,
         max_text_length: int | None = None,
         seed: int = 0,
+        pooled_text: PooledText = "cache",
     ) -> None:
         self.cache = cache
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
@@ -77,6 +98,8 @@ class CachedLatentDataset(Dataset):
         self.max_text_length = max_text_length
         self.seed = seed
         self.null = cache.null_text()[:max_text_length]
+        self.pooled_text = pooled_source(cache, pooled_text)
+        self.null_pooled = null_pooled(cache, self.pooled_text, max_text_length)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -94,24 +117,43 @@ class CachedLatentDataset(Dataset):
             z.addcmul_(torch.from_numpy(std).float(), noise)
         return z.sub_(self.cache.shift_factor).mul_(self.cache.scaling_factor)
 
-    def _texts(self, cache_indices: np.ndarray, generator: torch.Generator) -> list[np.ndarray]:
-        """Valid tokens per sample, replaced by the null embedding with prob. text_dropout."""
+    def _dropped(self, n: int, generator: torch.Generator) -> list[bool]:
+        """Which of ``n`` samples lose their caption (CFG text dropout, prob. text_dropout): one
+        draw from the read's generator, shared by the text and the pooled vector."""
+        if self.text_dropout <= 0:
+            return [False] * n
+        return (torch.rand(n, generator=generator) < self.text_dropout).tolist()
+
+    def _texts(self, cache_indices: np.ndarray, drop: list[bool]) -> list[np.ndarray]:
+        """Valid tokens per sample, the null embedding where ``drop``."""
         texts = [t[: self.max_text_length] for t in self.cache.read_texts(cache_indices)]
-        if self.text_dropout > 0:
-            drop = torch.rand(len(texts), generator=generator) < self.text_dropout
-            texts = [self.null if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
-        return texts
+        return [self.null if d else t for t, d in zip(texts, drop, strict=True)]
+
+    def _pooled(
+        self, cache_indices: np.ndarray, texts: list[np.ndarray], drop: list[bool]
+    ) -> Tensor:
+        """Pooled text vectors [B, Dv] float32, the null vector where ``drop`` (the same rows
+        whose text was dropped)."""
+        if self.pooled_text == "mean_tokens":
+            pooled = mean_tokens(texts, self.cache.text_dim)  # dropped rows: mean of the null
+        else:
+            pooled = self.cache.read_pooled(cache_indices)
+            pooled[np.asarray(drop, bool)] = self.null_pooled
+        return _empty(pooled.shape).copy_(torch.from_numpy(pooled))
 
     def __getitem__(self, key: int) -> dict[str, Any]:
         """One sample as a batch of one, unstacked (see ``__getitems__``)."""
         batch = self.__getitems__([key])
-        return {
+        sample = {
             "latents": batch["latents"][0],
             "text": batch["text"][0][batch["text_mask"][0]],
             "caption": batch["caption"][0],
             "metadata": batch["metadata"][0],
             "index": int(batch["index"][0]),
         }
+        if "cond" in batch:
+            sample["cond"] = batch["cond"][0]
+        return sample
 
     def __getitems__(self, keys: list[int]) -> dict[str, Any]:
         """A whole collated batch, read with one fancy-indexed memmap access per shard. Keys are
@@ -119,9 +161,11 @@ class CachedLatentDataset(Dataset):
         keys_array = np.asarray(keys, dtype=np.int64)
         indices = self.indices[keys_array % len(self)]
         generator = self._generator(keys_array)
-        text, mask = pad_texts(self._texts(indices, generator), self.cache.text_dim)
+        drop = self._dropped(len(indices), generator)
+        texts = self._texts(indices, drop)
+        text, mask = pad_texts(texts, self.cache.text_dim)
         records = self.cache.read_records(indices)
-        return {
+        batch = {
             "latents": self._latents(*self.cache.read_latents(indices), generator),
             "text": text,
             "text_mask": mask,
@@ -129,6 +173,30 @@ class CachedLatentDataset(Dataset):
             "metadata": [r["metadata"] for r in records],
             "index": torch.from_numpy(indices.astype(np.int64)),
         }
+        if self.pooled_text != "none":
+            batch["cond"] = self._pooled(indices, texts, drop)
+        return batch
+
+
+def pooled_source(cache: LatentCache, pooled_text: PooledText) -> PooledText:
+    """The resolved source of the pooled vector: "cache" only if the cache stores one."""
+    if pooled_text not in ("cache", "mean_tokens", "none"):
+        raise ValueError(
+            f"CachedLatentDataModule: pooled_text={pooled_text!r}; use 'cache' (the stored pooled "
+            "vector, if any), 'mean_tokens' (the mean of the text tokens) or 'none'."
+        )
+    if pooled_text == "cache" and cache.pooled_dim is None:
+        return "none"
+    return pooled_text
+
+
+def null_pooled(
+    cache: LatentCache, pooled_text: PooledText, max_text_length: int | None
+) -> np.ndarray | None:
+    """The null caption's pooled vector [Dv] float32 for ``pooled_text`` (None for "none")."""
+    if pooled_text == "mean_tokens":
+        return mean_tokens([cache.null_text()[:max_text_length]], cache.text_dim)[0]
+    return cache.null_pooled() if pooled_text == "cache" else None
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +209,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 class CachedLatentDataModule(pl.LightningDataModule):
     """Train/val loaders over a latent cache (built by ``cache_builder.build_cache``).
 
-    ``text_dropout`` replaces a training sample's text by the null embedding (CFG training).
+    ``text_dropout`` replaces a training sample's text by the null embedding (CFG training), and
+    its pooled vector (``cond``, see ``pooled_text``) by the null caption's, in the same draw.
     ``expect_vae``/``expect_text`` are the configured encoders' fingerprints; a cache built
     with others is refused. ``verify``: see :class:`~fewstep.data.cache.LatentCache`. Under DDP,
     Lightning swaps in a DistributedSampler. Reading cached latents is cheap, so
@@ -166,6 +235,7 @@ class CachedLatentDataModule(pl.LightningDataModule):
         expect_vae: dict[str, str] | None = None,
         expect_text: dict[str, str] | None = None,
         pin_memory: bool = False,
+        pooled_text: PooledText = "cache",
     ) -> None:
         super().__init__()
         _check_args(batch_size, num_workers, val_fraction, val_path, text_dropout, max_text_length)
@@ -176,6 +246,7 @@ class CachedLatentDataModule(pl.LightningDataModule):
         self.sample_posterior, self.verify, self.seed = sample_posterior, verify, seed
         self.drop_last, self.max_text_length = drop_last, max_text_length
         self.expect_vae, self.expect_text = expect_vae, expect_text
+        self.pooled_text = pooled_text
         self._cache: LatentCache | None = None
         self.train_dataset: CachedLatentDataset | None = None
         self.val_dataset: CachedLatentDataset | None = None
@@ -207,10 +278,20 @@ class CachedLatentDataModule(pl.LightningDataModule):
         """Width D of the text embeddings."""
         return self.cache.text_dim
 
-    def null_text(self) -> tuple[Tensor, Tensor]:
-        """The null (empty-caption) embedding [1, L0, D] float32 and its mask [1, L0]."""
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width Dv of the batches' pooled vector ``cond``, or None if batches carry none."""
+        source = pooled_source(self.cache, self.pooled_text)
+        return {"none": None, "cache": self.cache.pooled_dim, "mean_tokens": self.text_dim}[source]
+
+    def null_text(self) -> tuple[Tensor, ...]:
+        """The null (empty-caption) embedding [1, L0, D] float32 and its mask [1, L0], plus its
+        pooled vector [1, Dv] float32 when batches carry ``cond``."""
         text, mask = pad_texts([self.cache.null_text()[: self.max_text_length]], self.text_dim)
-        return text, mask
+        pooled = null_pooled(
+            self.cache, pooled_source(self.cache, self.pooled_text), self.max_text_length
+        )
+        return (text, mask) if pooled is None else (text, mask, torch.from_numpy(pooled)[None])
 
     def check_encoders(
         self, vae: dict[str, str] | None = None, text: dict[str, str] | None = None
@@ -225,7 +306,11 @@ class CachedLatentDataModule(pl.LightningDataModule):
             return
         cache, val_cache = self.cache, self._open_val_cache()
         train_idx, val_idx = split_indices(len(cache), self.val_fraction, self.seed)
-        opts = {"max_text_length": self.max_text_length, "seed": self.seed}
+        opts = {
+            "max_text_length": self.max_text_length,
+            "seed": self.seed,
+            "pooled_text": self.pooled_text,
+        }
         self.train_dataset = self.dataset_class(
             cache, train_idx, self.text_dropout, self.sample_posterior, **opts
         )
@@ -240,10 +325,11 @@ class CachedLatentDataModule(pl.LightningDataModule):
             return None
         fps = [self.cache.manifest[k]["fingerprint"] for k in ("vae", "text_encoder")]
         val = LatentCache(self.val_path, self.verify, *fps)
-        if (val.latent_shape, val.text_dim) != (self.latent_shape, self.text_dim):
+        mine = (self.latent_shape, self.text_dim, self.cache.pooled_dim)
+        if (val.latent_shape, val.text_dim, val.pooled_dim) != mine:
             raise ValueError(
-                f"val_path {self.val_path}: latents {val.latent_shape}, text dim {val.text_dim}; "
-                f"{self.path} has {self.latent_shape}, {self.text_dim}"
+                f"val_path {self.val_path}: latents {val.latent_shape}, text dim {val.text_dim}, "
+                f"pooled dim {val.pooled_dim}; {self.path} has {', '.join(map(str, mine))}"
             )
         return val
 
