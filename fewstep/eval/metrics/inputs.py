@@ -53,3 +53,13 @@ def update_metric(
 def needs_reference(metric: Metric) -> bool:
     """Whether the metric compares with reference images (a distribution distance)."""
     return metric_inputs(metric)[0] == "reference"
+
+
+def results_of(name: str, value: Any) -> dict[str, float]:
+    """A metric's ``compute()`` as flat floats: a tensor -> {name}; a dict -> {name/key};
+    a (mean, std) pair (KID) -> {name, name_std}."""
+    if isinstance(value, dict):
+        return {f"{name}/{k}": float(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return {name: float(value[0]), f"{name}_std": float(value[1])}
+    return {name: float(value)}
