@@ -82,7 +82,7 @@ def gaussian_batch(b: int, shape: tuple[int, ...], shifts: torch.Tensor) -> Dist
     text = torch.zeros(b, 3, 4)
     text[:, 0, 0] = shifts
     return DistillBatch(
-        latents=torch.zeros(b, *shape),
+        latents=torch.full((b, *shape), 100.0),  # far from the student's samples
         text=text,
         text_mask=torch.ones(b, 3, dtype=torch.bool),
         null_text=torch.zeros(b, 2, 4),
@@ -125,6 +125,8 @@ def test_dm_gradient_is_the_scaled_score_difference_on_gaussians(process, predic
     assert bool(((t_unit >= 0.1 - 1e-6) & (t_unit <= 0.9 + 1e-6)).all())
     # independent reference: marginal scores in closed form, CFG on scores, Tweedie for x0
     alpha, sigma = (c.reshape(-1, 1, 1, 1) for c in process.alpha_sigma(t_fake))
+    implied_noise = (x_fake - alpha * theta.double()) / sigma  # x_t re-noises the student's x0
+    assert implied_noise.abs().max() < 6.0
     cond_mean = real_mu + shifts.double().reshape(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
     cond = gaussian_score(x_fake, alpha, sigma, cond_mean, real_s)
     uncond = gaussian_score(x_fake, alpha, sigma, real_mu, real_s)
