@@ -43,7 +43,9 @@ class ClassifierFreeGuidance:
     """D = D_u + s (D_c - D_u) (Ho & Salimans 2022, eq. 6 with s = 1 + w), cond and uncond in one
     batched forward. Combining (x0, eps) equals combining eps or velocity as PixArt does, since
     both are affine in the prediction at fixed x_t. ``scale`` is a float or a per-sample [B]
-    tensor (LCM eq. 12, w = s - 1); a scale of 1 everywhere skips the unconditional pass."""
+    tensor (LCM eq. 12, w = s - 1); a scale of 1 everywhere skips the unconditional pass. Over a
+    guidance-embedded denoiser (FLUX.1-dev; Meng et al. 2023) the guided estimate is its one
+    conditional pass with ``guidance=scale``: ``uncond`` is not used."""
 
     denoiser: Denoiser
     scale: float | Tensor
@@ -56,7 +58,11 @@ class ClassifierFreeGuidance:
         return self.denoiser.process
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Denoised:
-        """The guided estimate; one network call with batch 2B (or B at scale 1)."""
+        """The guided estimate; one network call with batch 2B (or B at scale 1 or when the
+        denoiser embeds the scale)."""
+        if isinstance(self.denoiser, GuidanceEmbedded):
+            scale = torch.as_tensor(self.scale, dtype=torch.float32, device=x.device)
+            return self.denoiser(x, t, guidance=scale.expand(x.shape[0]), **self.cond)
         if bool((torch.as_tensor(self.scale) == 1.0).all()):
             return self.denoiser(x, t, **self.cond)
         t = batch_time(t, x)
@@ -81,3 +87,12 @@ class GuidanceEmbedded(Denoiser):
         if "guidance" not in cond:
             cond["guidance"] = torch.full((x.shape[0],), self.scale, device=x.device)
         return super().__call__(x, t, **cond)
+
+
+def guidance_passes(denoiser: Denoiser, scale: float | Tensor) -> int:
+    """Network passes per guided denoiser call (for NFE): 1 at scale 1 or when the denoiser embeds
+    the scale (GuidanceEmbedded), else 2 (a CFG step is a conditional and an unconditional pass,
+    batched or not)."""
+    if isinstance(denoiser, GuidanceEmbedded) or bool((torch.as_tensor(scale) == 1.0).all()):
+        return 1
+    return 2

@@ -25,16 +25,21 @@ class DistillBatch:
     null_mask: Tensor  # [B, L0] bool
     generator: torch.Generator  # all randomness of the step (resume-exact)
     noise: Tensor | None = None  # [B, C, h, w] coupled noise (CouplingDataModule), else None
+    pooled: Tensor | None = None  # [B, Dv] pooled text vector (FLUX.1's CLIP), else None
+    null_pooled: Tensor | None = None  # [B, Dv] the empty caption's pooled vector, expanded
 
     @property
     def cond(self) -> dict[str, Tensor]:
-        """The conditional keyword arguments of a Denoiser call."""
-        return {"text": self.text, "text_mask": self.text_mask}
+        """The conditional keyword arguments of a Denoiser call (with ``cond=`` the pooled
+        vector, for networks that take one)."""
+        extra = {} if self.pooled is None else {"cond": self.pooled}
+        return {"text": self.text, "text_mask": self.text_mask, **extra}
 
     @property
     def uncond(self) -> dict[str, Tensor]:
         """The unconditional (null-caption) keyword arguments of a Denoiser call."""
-        return {"text": self.null_text, "text_mask": self.null_mask}
+        extra = {} if self.null_pooled is None else {"cond": self.null_pooled}
+        return {"text": self.null_text, "text_mask": self.null_mask, **extra}
 
 
 @dataclass(eq=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
@@ -10,10 +10,17 @@ import torch
 from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoiser
-from fewstep.diffusion.guidance import ClassifierFreeGuidance
+from fewstep.diffusion.guidance import ClassifierFreeGuidance, GuidanceEmbedded
 from fewstep.diffusion.samplers import Sampler
 
-NullText = tuple[Tensor, Tensor]
+
+class NullText(NamedTuple):
+    """The empty-caption CFG input: text [1, L0, D] float32, mask [1, L0] bool and, for networks
+    that take a pooled text vector (FLUX.1), its pooled vector ``cond`` [1, Dv] float32."""
+
+    text: Tensor
+    mask: Tensor
+    cond: Tensor | None = None
 
 
 def _tensor(value: Any) -> Tensor:
@@ -22,16 +29,19 @@ def _tensor(value: Any) -> Tensor:
 
 
 def as_null_text(value: Any) -> NullText:
-    """The empty-caption embedding as (text [1, L0, D] float32, mask [1, L0] bool) from a
-    (text, mask) pair or an array/tensor [L0, D] or [1, L0, D] of valid tokens."""
+    """The empty-caption embedding as a NullText from a (text, mask) pair, a (text, mask, pooled)
+    triple or an array/tensor [L0, D] or [1, L0, D] of valid tokens."""
+    cond = None
     if isinstance(value, tuple | list):
-        text, mask = (_tensor(v) for v in value)
+        text, mask = (_tensor(v) for v in value[:2])
+        if len(value) > 2 and value[2] is not None:
+            cond = _tensor(value[2]).float().reshape(1, -1)  # [Dv] or [1, Dv] -> [1, Dv]
     else:
         text = _tensor(value)
         mask = torch.ones(text.shape[:-1], dtype=torch.bool)
     if text.ndim == 2:
         text, mask = text[None], mask.reshape(1, -1)  # [L0, D] -> [1, L0, D]
-    return text.float(), mask.bool()
+    return NullText(text.float(), mask.bool(), cond)
 
 
 def datamodule_null_text(datamodule: Any) -> NullText | None:
@@ -47,30 +57,56 @@ def generate(
     text_mask: Tensor,
     noise: Tensor,
     guidance_scale: float = 1.0,
-    null_text: NullText | None = None,
+    null_text: NullText | tuple | None = None,
     generator: torch.Generator | None = None,
+    cond: Tensor | None = None,
 ) -> Tensor:
     """Latents [B, C, h, w] sampled from ``noise`` with classifier-free guidance (Ho & Salimans
-    2022); scale 1 is the plain conditional sampler. ``noise`` has the network's *input*
-    channels: with learned sigma the extra output channels are dropped."""
+    2022); scale 1 is the plain conditional sampler, and a guidance-embedded denoiser (FLUX.1-dev)
+    takes the scale as its ``guidance`` input, one pass per step. ``cond`` [B, Dv] is the pooled
+    text vector of networks that take one (the null text's goes with the unconditional pass).
+    ``noise`` has the network's *input* channels: with learned sigma the extra output channels
+    are dropped."""
     in_channels = getattr(denoiser.net, "in_channels", noise.shape[1])
     if noise.shape[1] != in_channels:
         raise ValueError(
             f"generate: noise has {noise.shape[1]} channels but the network takes {in_channels} "
             "(with learn_sigma the network outputs twice that; sample with the input count)."
         )
-    cond = {"text": text, "text_mask": text_mask.bool()}
-    if guidance_scale == 1.0:
-        return sampler(denoiser.bind(**cond), noise, generator)
+    conds = {"text": text, "text_mask": text_mask.bool()}
+    if cond is not None:
+        conds["cond"] = cond
+    if guidance_scale == 1.0 and not isinstance(denoiser, GuidanceEmbedded):
+        return sampler(denoiser.bind(**conds), noise, generator)
+    uncond = (
+        {} if isinstance(denoiser, GuidanceEmbedded) else _uncond(null_text, conds, guidance_scale)
+    )
+    guided = ClassifierFreeGuidance(denoiser, guidance_scale, conds, uncond)
+    return sampler(guided, noise, generator)
+
+
+def _uncond(
+    null_text: NullText | tuple | None, conds: dict[str, Tensor], scale: float
+) -> dict[str, Tensor]:
+    """The unconditional inputs of CFG from the null text (and its pooled vector if ``conds``
+    has one), on the conditional inputs' device and dtype."""
     if null_text is None:
         raise ValueError(
-            f"generate: guidance_scale={guidance_scale} needs the null (empty-caption) text "
-            "embedding; give the datamodule a null_text() or use guidance_scale 1.0."
+            f"generate: guidance_scale={scale} needs the null (empty-caption) text embedding; "
+            "give the datamodule a null_text() or use guidance_scale 1.0."
         )
-    null, null_mask = null_text
-    uncond = {"text": null.to(text.device, text.dtype), "text_mask": null_mask.to(text.device)}
-    guided = ClassifierFreeGuidance(denoiser, guidance_scale, cond, uncond)
-    return sampler(guided, noise, generator)
+    null = as_null_text(null_text)
+    text = conds["text"]
+    uncond = {"text": null.text.to(text.device, text.dtype), "text_mask": null.mask.to(text.device)}
+    if "cond" in conds:
+        if null.cond is None:
+            raise ValueError(
+                "generate: the network takes a pooled text vector (cond) but the null text has "
+                "none; build the cache with a text encoder that has pooled() (FluxTextEncoder) or "
+                "set the datamodule's pooled_text."
+            )
+        uncond["cond"] = null.cond.to(text.device, conds["cond"].dtype)
+    return uncond
 
 
 def call_wrapped(

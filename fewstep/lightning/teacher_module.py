@@ -1,5 +1,7 @@
 """Training the latent DiT teacher with a diffusion objective (PixArt-α §2.4; flow matching,
-Lipman et al. 2023) and validating it with the GenEval-protocol shapes scorer."""
+Lipman et al. 2023) and validating it with the GenEval-protocol shapes scorer. A FLUX.1 network
+takes the batch's pooled text vector (``cond``); a guidance-embedded one (FLUX.1-dev) takes the
+guidance scale as an input, one pass per sampling step."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.guidance import GuidanceEmbedded, guidance_passes
 from fewstep.diffusion.losses import diffusion_loss
 from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import DDIM, Sampler
@@ -22,6 +25,7 @@ from fewstep.eval.geneval import ShapesGenEval, specs_of
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.models.dit import DiT
+from fewstep.models.flux import Flux
 from fewstep.utils.seeding import fixed_noise, mix_seed
 
 
@@ -42,14 +46,35 @@ def default_timestep_sampler(process: NoiseProcess) -> TimestepSampler:
     )
 
 
+def embeds_guidance(network: nn.Module) -> bool:
+    """Whether the network takes the CFG scale as an input (guidance_embed: FLUX.1-dev, or a
+    guidance-distilled DiT; Meng et al. 2023)."""
+    config = getattr(network, "config", None)
+    return callable(config) and bool(config().get("guidance_embed", False))
+
+
+def network_denoiser(
+    network: nn.Module, process: NoiseProcess, prediction: PredictionType, scale: float
+) -> Denoiser:
+    """``network`` as a denoiser; a guidance-embedded one is fed ``guidance=scale`` unless a call
+    (e.g. CFG at another scale) gives its own."""
+    learned_sigma = bool(getattr(network, "learn_sigma", False))
+    if embeds_guidance(network):
+        return GuidanceEmbedded(network, process, prediction, learned_sigma, scale=scale)
+    return Denoiser(network, process, prediction, learned_sigma)
+
+
 class TeacherModule(LatentDiffusionModule):
     """Trains ``network`` to predict ``prediction`` on ``process`` (automatic optimisation, so
     Trainer's gradient_clip_val applies); the EMA callback averages ``ema_target``. With learned
-    sigma only the first C output channels are trained (no VLB term)."""
+    sigma only the first C output channels are trained (no VLB term). Batches with ``cond`` (the
+    pooled text vector) pass it to the network (Flux). A guidance-embedded network (FLUX.1-dev)
+    is trained and sampled with ``guidance=guidance_scale`` (as diffusers' FLUX.1 fine-tuning
+    scripts feed their --guidance_scale) and costs one pass per step, not two."""
 
     def __init__(
         self,
-        network: DiT,
+        network: DiT | Flux,
         process: NoiseProcess,
         prediction: PredictionType = "epsilon",
         timestep_sampler: TimestepSampler | None = None,
@@ -79,7 +104,7 @@ class TeacherModule(LatentDiffusionModule):
         self._val_scored = 0
 
     @property
-    def ema_target(self) -> DiT:
+    def ema_target(self) -> nn.Module:
         """The network the EMA callback averages."""
         return self.network
 
@@ -90,8 +115,9 @@ class TeacherModule(LatentDiffusionModule):
 
     @property
     def denoiser(self) -> Denoiser:
-        """The network as a denoiser (built per call: strategies may rewrap ``network``)."""
-        return Denoiser(self.network, self.process, self.prediction, self.learned_sigma)
+        """The network as a denoiser (built per call: strategies may rewrap ``network``); a
+        guidance-embedded network at ``guidance_scale``."""
+        return network_denoiser(self.network, self.process, self.prediction, self.guidance_scale)
 
     def configure_model(self) -> None:
         """With ``compile``, compile the network's forward in place (``nn.Module.compile``: the
@@ -106,11 +132,15 @@ class TeacherModule(LatentDiffusionModule):
         noise: Tensor,
         guidance_scale: float | None = None,
         sampler: Sampler | None = None,
+        cond: Tensor | None = None,
     ) -> Tensor:
-        """Guided samples from ``noise`` (defaults: the configured sampler and scale)."""
+        """Guided samples from ``noise`` (defaults: the configured sampler and scale); ``cond``:
+        the pooled text vectors [B, Dv] of a network that takes them."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        null = self.null_text() if scale != 1.0 else None
-        return generate(self.denoiser, sampler or self.sampler, text, text_mask, noise, scale, null)
+        denoiser = self.denoiser
+        null = self.null_text() if guidance_passes(denoiser, scale) == 2 else None
+        sampler = sampler or self.sampler
+        return generate(denoiser, sampler, text, text_mask, noise, scale, null, cond=cond)
 
     def _loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
         """Diffusion loss with t and noise drawn from ``generator``."""
@@ -118,6 +148,8 @@ class TeacherModule(LatentDiffusionModule):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
         t = self.timestep_sampler(x0.shape[0], device=x0.device, generator=generator)
         cond = {"text": batch["text"], "text_mask": batch["text_mask"].bool()}
+        if "cond" in batch:
+            cond["cond"] = batch["cond"]  # the pooled text vector [B, Dv] (Flux)
         return diffusion_loss(self.denoiser, x0, noise.to(x0.dtype), t, **cond)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -152,13 +184,16 @@ class TeacherModule(LatentDiffusionModule):
             return
         x0 = batch["latents"]
         noise = fixed_noise(x0.shape[1:], batch["index"][rows].tolist(), self.seed, x0.device)
-        latents = self.sample_latents(batch["text"][rows], batch["text_mask"][rows], noise)
+        cond = batch["cond"][rows] if "cond" in batch else None
+        text, mask = batch["text"][rows], batch["text_mask"][rows]
+        latents = self.sample_latents(text, mask, noise, cond=cond)
         self.val_geneval.update(self.decode(latents), [specs[i] for i in rows])
         self._val_scored += len(rows)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/geneval/<category>``, ``val/geneval/overall`` and ``val/nfe`` (network
-        evaluations per image, a CFG step counting two as in the student's evaluation)."""
+        evaluations per image, a CFG step counting two as in the student's evaluation, one for a
+        guidance-embedded network)."""
         if self.vae_path is None or self.val_num_samples == 0:
             return
         with warnings.catch_warnings():
@@ -168,9 +203,14 @@ class TeacherModule(LatentDiffusionModule):
             return  # no shapes-world samples in this validation set
         scores = {f"val/geneval/{k}": v.float() for k, v in scores.items()}  # synced already
         self.log_dict(scores, sync_dist=True)
-        cfg_passes = 1 if self.guidance_scale == 1.0 else 2  # a guided step = cond + uncond pass
-        self.log("val/nfe", float(self.sampler.nfe * cfg_passes), sync_dist=True)
+        self.log("val/nfe", float(self.nfe), sync_dist=True)
         self.val_geneval.reset()
+
+    @property
+    def nfe(self) -> int:
+        """Network passes per image of the validation sampler: a CFG step is a conditional and an
+        unconditional pass, a guidance-embedded network's step one."""
+        return self.sampler.nfe * guidance_passes(self.denoiser, self.guidance_scale)
 
     def configure_optimizers(self) -> Any:
         """The CLI-built optimiser over the trainable network, plus a per-step scheduler."""

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from fewstep.data.cache import read_manifest
 from fewstep.data.cache_builder import build_cache
+from fewstep.models.flux_text import FluxTextEncoder
 from fewstep.models.text_encoder import TextEncoder
 from fewstep.models.vae import VAE
 
@@ -17,7 +18,7 @@ from fewstep.models.vae import VAE
 def build(
     dataset: Dataset,
     vae: VAE,
-    text_encoder: TextEncoder,
+    text_encoder: TextEncoder | FluxTextEncoder,
     out: str = "runs/demo/cache",
     shard_size: int = 1024,
     batch_size: int = 64,
@@ -25,7 +26,8 @@ def build(
     num_workers: int = 0,
     device: str = "auto",
 ) -> dict[str, str]:
-    """Build (or resume building) a cache at ``out``; rerunning skips finished shards."""
+    """Build (or resume building) a cache at ``out``; rerunning skips finished shards. A
+    FluxTextEncoder also stores each caption's pooled CLIP vector (``pooled_text.npy``)."""
     if vae.scaling_factor is None or float(vae.scaling_factor) == 1.0:
         print("note: the VAE has no measured latent scale (scaling_factor 1.0)")
     target = torch.device(
