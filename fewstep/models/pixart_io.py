@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.models.diffusers_weights import load_weights
 from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import (
     dit_kwargs_from_diffusers_config,
@@ -23,8 +24,6 @@ from fewstep.models.vae import config_folder, resolve_vae_folder
 from fewstep.utils.manifest import verify_shipped
 
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # the latter: legacy name
-WEIGHTS = "diffusion_pytorch_model"
-VARIANTS = ("", ".fp16", ".bf16")
 BINNED_SAMPLE_SIZES = (32, 64, 128, 256)  # PixArtSigmaPipeline's aspect-ratio bins exist for these
 _FIX = (
     "Point it at a local diffusers PixArt-Σ pipeline folder (with transformer/, e.g. "
@@ -75,37 +74,9 @@ def dit_kwargs_from_folder(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{folder / 'config.json'}: {err}") from None
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors/bin files of a diffusers model folder (single file, shards or variant)."""
-    for variant in VARIANTS:
-        index = folder / f"{WEIGHTS}{variant}.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / shard for shard in shards]
-        for suffix in (".safetensors", ".bin"):
-            file = folder / f"{WEIGHTS}{variant}{suffix}"
-            if file.is_file():
-                return [file]
-    raise FileNotFoundError(
-        f"No weights in the PixArt transformer folder '{folder}' (expected {WEIGHTS}.safetensors, "
-        "a sharded .safetensors.index.json, a .bin or an fp16/bf16 variant of them)."
-    )
-
-
 def load_transformer_state_dict(folder: Path) -> dict[str, Tensor]:
     """The diffusers-keyed float32 state dict of a PixArt transformer folder."""
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for file in _weight_files(folder):
-        if not file.is_file():
-            raise FileNotFoundError(f"PixArt weight shard missing: '{file}'.")
-        if file.suffix == ".safetensors":
-            part = load_file(str(file))
-        else:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-        state.update(part)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return load_weights(folder, "PixArt transformer", torch.float32)
 
 
 class PretrainedDiT(DiT):
