@@ -59,6 +59,7 @@ class CLIPScore(TorchmetricsCLIPScore):
     with images in [-1, 1] (quantised to uint8 as the processor expects)."""
 
     inputs = ("prompts",)
+    full_state_update = False  # sums only: ranks merge by addition
 
     def __init__(self, path: str, **kwargs: Any) -> None:
         model, processor = load_clip(path, "CLIPScore")
