@@ -19,6 +19,7 @@ from fewstep.diffusion.samplers import Sampler
 from fewstep.eval.geneval import ShapesGenEval, specs_of, tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
 from fewstep.eval.metrics.fidelity import mean_pairwise_distance, shapes_fid
+from fewstep.lightning.eval_metrics import Metrics, ValidationMetrics
 from fewstep.lightning.image_log import log_dir, log_image
 from fewstep.models.shapes_features import ShapesFeatureNet
 from fewstep.utils.artifacts import GRID_FOLDER, student_grid_name
@@ -46,6 +47,29 @@ def unfaithful_notes(table: dict[str, dict[str, float]]) -> list[str]:
     return ["", "## Warnings", "", *notes] if notes else []
 
 
+def metrics_markdown(table: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown lines of the YAML's validation metrics (one column per value), or none."""
+    names = sorted({m for row in table.values() for m in row if m in _metric_names(table)})
+    if not names:
+        return []
+    lines = ["", "## Metrics", "", "| model | " + " | ".join(names) + " |"]
+    lines.append("|" + "---|" * (len(names) + 1))
+    for key, row in table.items():
+        cells = [format(row[m], ".4f") if m in row else "–" for m in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
+BUILT_IN = {"nfe", "ms_per_image", "speedup", "latent_mse", "psnr", "score_ratio"}
+BUILT_IN |= {"fd_data", "fd_teacher", "diversity"}
+
+
+def _metric_names(table: dict[str, dict[str, float]]) -> set[str]:
+    """The row entries that come from the YAML's metrics (not the built-in measures)."""
+    keys = {m for row in table.values() for m in row}
+    return {m for m in keys if m not in BUILT_IN and not m.startswith("geneval/")}
+
+
 class StudentEvaluation:
     """Validation hooks of StudentModule (a mixin: it uses the module's teacher, samplers,
     decode, eval_steps, guidance_scale, teacher_identity and logger)."""
@@ -63,6 +87,21 @@ class StudentEvaluation:
             {f"{k}__{m}": MeanMetric() for k in self.eval_keys for m in names}
         )
 
+    def set_eval_metrics(self, metrics: Metrics | None) -> None:
+        """Validation ``metrics`` (the YAML's): per eval key against the data (and the prompts),
+        and per student step count against the teacher's samples from the same noise."""
+        students = [k for k in self.eval_keys if k != "teacher"]
+        keys = [*self.eval_keys, *(f"{k}|teacher" for k in students)]
+        self.val_metrics = ValidationMetrics(metrics, keys) if metrics else None
+
+    def _metric_row(self, key: str) -> dict[str, float]:
+        """``key``'s metrics vs the data and, as ``<name>_vs_teacher``, vs the teacher."""
+        metrics = getattr(self, "val_metrics", None)
+        if metrics is None:
+            return {}
+        vs_teacher = metrics.compute(f"{key}|teacher").items()
+        return {**metrics.compute(key), **{f"{k}_vs_teacher": v for k, v in vs_teacher}}
+
     def on_validation_epoch_start(self) -> None:
         """Reset the sample budget, grids and accumulators."""
         self._val_scored, self._grid, self._captions, self._diversity = 0, {}, [], {}
@@ -70,6 +109,8 @@ class StudentEvaluation:
             metric.reset()
         for metric in self._fids().values():
             metric.reset()
+        if getattr(self, "val_metrics", None) is not None:
+            self.val_metrics.to(self.device).reset()
 
     def _feature_net(self) -> ShapesFeatureNet | None:
         """The frozen shapes feature network of ``fidelity_features`` ("packaged": the shipped
@@ -133,8 +174,12 @@ class StudentEvaluation:
         self._captions += [batch["caption"][i] for i in rows[: max(room, 0)]]
         teacher, ms = self._timed(lambda: self.teacher_latents(text, mask, noise), len(rows))
         teacher_images = self._score("teacher", teacher, ms, specs)
-        data_images = self.decode(x0[rows]) if self._fids() else None
+        metrics = getattr(self, "val_metrics", None)
+        data_images = self.decode(x0[rows]) if self._fids() or metrics else None
         self._update_fid("teacher|data", teacher_images, data_images)
+        inputs = ([batch["caption"][i] for i in rows], [batch["metadata"][i] for i in rows])
+        if metrics is not None:
+            metrics.update("teacher", teacher_images, data_images, *inputs)
         for n in self.eval_steps:
             generator = torch.Generator(device=x0.device).manual_seed(
                 mix_seed(self.seed, 1 << 41, n, indices[0])
@@ -150,6 +195,9 @@ class StudentEvaluation:
                 self.val_means[f"student_{n}__psnr"].update(psnr(images, teacher_images))
             self._update_fid(f"student_{n}|data", images, data_images)
             self._update_fid(f"student_{n}|teacher", images, teacher_images)
+            if metrics is not None:
+                metrics.update(f"student_{n}", images, data_images, *inputs)
+                metrics.update(f"student_{n}|teacher", images, teacher_images)
         self._val_scored += len(rows)
 
     def _measure_diversity(
@@ -232,6 +280,7 @@ class StudentEvaluation:
                     continue  # nothing sampled this epoch
                 row["nfe"] = float(self._nfe(key))
                 row.update(self._distances(key))
+                row.update(self._metric_row(key))
                 table[key] = row
         teacher = table.get("teacher", {})
         for key, row in table.items():
@@ -320,7 +369,7 @@ class StudentEvaluation:
                 fmt(row, "diversity", ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines + unfaithful_notes(table)) + "\n"
+        return "\n".join(lines + metrics_markdown(table) + unfaithful_notes(table)) + "\n"
 
     def _log_grids(self) -> None:
         """Teacher | student pairs per step count, as captioned grids: a PNG per step count

@@ -22,6 +22,7 @@ from fewstep.diffusion.samplers import DDIM, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler, UniformDiscrete
 from fewstep.eval.geneval import ShapesGenEval, specs_of
+from fewstep.lightning.eval_metrics import Metrics, ValidationMetrics
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.models.dit import DiT
@@ -87,9 +88,10 @@ class TeacherModule(LatentDiffusionModule):
         seed: int = 0,
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
-        objects = ["network", "process", "timestep_sampler", "sampler"]
+        objects = ["network", "process", "timestep_sampler", "sampler", "metrics"]
         self.save_hyperparameters(ignore=[*objects, "optimizer", "lr_scheduler"])
         if val_num_samples < 0:
             raise ValueError(f"TeacherModule: val_num_samples must be >= 0, got {val_num_samples}")
@@ -101,6 +103,7 @@ class TeacherModule(LatentDiffusionModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.val_num_samples, self.seed = val_num_samples, seed
         self.val_geneval = ShapesGenEval()
+        self.val_metrics = ValidationMetrics(metrics, ["teacher"]) if metrics else None  # vs data
         self._val_scored = 0
 
     @property
@@ -162,6 +165,8 @@ class TeacherModule(LatentDiffusionModule):
         """Reset the per-epoch GenEval sample budget."""
         self._val_scored = 0
         self.val_geneval.reset()
+        if self.val_metrics is not None:
+            self.val_metrics.to(self.device).reset()
 
     def validation_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
@@ -176,10 +181,12 @@ class TeacherModule(LatentDiffusionModule):
         self._score(batch)
 
     def _score(self, batch: dict[str, Any]) -> None:
-        """Sample, decode and score the batch's shapes-world rows, up to ``val_num_samples``."""
+        """Sample and decode the batch's rows up to ``val_num_samples`` (only the shapes-world
+        rows without ``metrics``): GenEval-score the shapes rows, feed ``metrics`` all of them."""
         budget = self.val_num_samples - self._val_scored
         specs = specs_of(batch["metadata"])
-        rows = [i for i, s in enumerate(specs) if s is not None][: max(budget, 0)]
+        rows = [i for i, s in enumerate(specs) if s is not None or self.val_metrics is not None]
+        rows = rows[: max(budget, 0)]
         if not rows or self.vae_path is None:
             return
         x0 = batch["latents"]
@@ -187,7 +194,16 @@ class TeacherModule(LatentDiffusionModule):
         cond = batch["cond"][rows] if "cond" in batch else None
         text, mask = batch["text"][rows], batch["text_mask"][rows]
         latents = self.sample_latents(text, mask, noise, cond=cond)
-        self.val_geneval.update(self.decode(latents), [specs[i] for i in rows])
+        images = self.decode(latents)
+        shapes = [j for j, i in enumerate(rows) if specs[i] is not None]
+        if shapes:
+            self.val_geneval.update(images[shapes], [specs[rows[j]] for j in shapes])
+        if self.val_metrics is not None:
+            captions, meta = (
+                [batch["caption"][i] for i in rows],
+                [batch["metadata"][i] for i in rows],
+            )
+            self.val_metrics.update("teacher", images, self.decode(x0[rows]), captions, meta)
         self._val_scored += len(rows)
 
     def on_validation_epoch_end(self) -> None:
@@ -196,6 +212,9 @@ class TeacherModule(LatentDiffusionModule):
         guidance-embedded network)."""
         if self.vae_path is None or self.val_num_samples == 0:
             return
+        if self.val_metrics is not None:  # synced by torchmetrics: the same on every rank
+            logged = {f"val/{k}": v for k, v in self.val_metrics.compute("teacher").items()}
+            self.log_dict(logged, sync_dist=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
             scores = self.val_geneval.compute()
