@@ -95,10 +95,10 @@ def evaluate(
     if any(needs_reference(m) for m in metrics.values()) and not has_reference:
         raise ValueError("evaluate: FID/KID/CMMD need reference (a folder) or reference_cache")
     if images is None:
-        if None in (fit_config, ckpt_path, prompts, text_encoder_path):
+        if None in (fit_config, ckpt_path, prompts):
             raise ValueError(
-                "evaluate: give images (a folder), or fit_config + ckpt_path + prompts + "
-                "text_encoder_path to generate them"
+                "evaluate: give images (a folder), or fit_config + ckpt_path + prompts (and "
+                "text_encoder_path: the cache's text encoder; default the packaged MiniLM)"
             )
         images = str(generate_images(
             fit_config, ckpt_path, prompts, text_encoder_path, Path(out) / "images",

@@ -40,7 +40,7 @@ def generate_images(
     fit_config: str,
     ckpt_path: str,
     prompts: str,
-    text_encoder_path: str,
+    text_encoder_path: str | None,
     out: str | Path,
     steps: int | None = None,
     batch_size: int = 16,
@@ -48,7 +48,8 @@ def generate_images(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Write one image per prompt of ``prompts`` (text or GenEval .jsonl) to ``out``."""
+    """Write one image per prompt of ``prompts`` (text or GenEval .jsonl) to ``out``, the
+    prompts encoded by ``text_encoder_path`` (None: the default, as the cache config's)."""
     module, _, _ = load_trained(fit_config, ckpt_path)
     module = module.to(device).eval()
     encoder = TextEncoder(text_encoder_path).to(device)
