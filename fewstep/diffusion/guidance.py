@@ -77,16 +77,16 @@ class ClassifierFreeGuidance:
 @dataclass(eq=False)
 class GuidanceEmbedded(Denoiser):
     """A guidance-distilled network (Meng et al. 2023, §3.1): the CFG scale is an input
-    (``guidance=``), so one pass gives the guided estimate. Calls without ``guidance=`` use
-    ``scale``."""
+    (``guidance=``), so one pass gives the guided estimate. Calls without ``guidance=`` (the
+    estimate and the raw prediction, e.g. in the training loss) use ``scale``."""
 
     scale: float = 1.0
 
-    def __call__(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Denoised:
-        """The estimate at the call's (or the default) guidance scale."""
+    def raw(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Tensor:
+        """The prediction at the call's (or the default) guidance scale."""
         if "guidance" not in cond:
             cond["guidance"] = torch.full((x.shape[0],), self.scale, device=x.device)
-        return super().__call__(x, t, **cond)
+        return super().raw(x, t, **cond)
 
 
 def guidance_passes(denoiser: Denoiser, scale: float | Tensor) -> int:

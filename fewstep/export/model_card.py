@@ -9,7 +9,7 @@ from typing import Any
 FRONT_MATTER = """---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [fewstep, pixart-sigma, text-to-image{extra}]
+tags: [fewstep, {family}, text-to-image{extra}]
 ---
 """
 
@@ -32,7 +32,9 @@ def model_card(record: dict[str, Any], eval_table: str | None = None) -> str:
     module, _, name = record.get("pipeline_class", "diffusers.PixArtSigmaPipeline").rpartition(".")
     module = "diffusers" if module.startswith("diffusers") else module
     lines = [
-        FRONT_MATTER.format(extra=", distillation" if student else ""),
+        FRONT_MATTER.format(
+            family=record.get("family", "pixart-sigma"), extra=", distillation" if student else ""
+        ),
         f"# A {what} exported by fewstep",
         "",
         f"- process: `{json.dumps(record.get('process'), default=str)}`, prediction: "
@@ -54,9 +56,10 @@ def model_card(record: dict[str, Any], eval_table: str | None = None) -> str:
         "```python",
         f"from {module} import {name}",
         "",
-        f'pipe = {name}.from_pretrained("<this folder>")',
+        f'pipe = {name}.from_pretrained("<this folder>"{record.get("load_kwargs", "")})',
         f"call = {json.dumps(call, default=str)}",
-        "images = pipe(prompt=[...], clean_caption=False, **call).images",
+        f"images = pipe({record.get('prompt_call', 'prompt=[...], clean_caption=False')}, "
+        "**call).images",
         "```",
         "",
         "These keyword arguments reproduce fewstep's samples (tested to 1e-4 on the latents):",
