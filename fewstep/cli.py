@@ -153,6 +153,8 @@ def run(args: list[str] | None = None) -> object:
     # the restored fit loop's batch; tests/test_resume_exact.py), so Lightning's warning that a
     # non-stateful dataloader cannot is wrong for them.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+    if args is not None:  # called from Python with explicit args: the host's sys.argv is not ours
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return FewstepCLI(
         LightningModule,
         LightningDataModule,

@@ -175,7 +175,7 @@ def cpu_student_config(
     """A copy of the student YAML ``path`` pointed at the tiny teacher, cache and VAE (and the
     teacher's own 2-step reference sampler), with CPU-sized data, validation and logging, written
     to ``out_dir``. Explicit student timesteps are cut to max(eval_steps) entries."""
-    config = yaml.safe_load(Path(path).read_text())
+    config = load_config(Path(path))
     args = config["model"].setdefault("init_args", {})
     args.update(
         teacher_config=str(teacher.config),
@@ -211,15 +211,43 @@ def cpu_student_config(
 
 def is_overlay(path: Path) -> bool:
     """An overlay (e.g. ``shapes_long.yaml``) names no model (fit) or dataset (cache) class: it
-    is layered with ``-c`` on the folder's ``shapes.yaml``."""
+    is layered with ``-c`` on its ``base_config``."""
     raw = yaml.safe_load(path.read_text()) or {}
     sections = [raw.get(key) for key in ("model", "dataset")]  # fit / cache configs
     return any(isinstance(section, dict) and "class_path" not in section for section in sections)
 
 
+def base_config(path: Path) -> Path:
+    """The config an overlay is layered on: ``<name>_gpu.yaml`` -> ``<name>.yaml`` when that
+    exists (e.g. a method's GPU overlay), else the folder's ``shapes.yaml``."""
+    if path.stem.endswith("_gpu"):
+        base = path.with_name(path.stem.removesuffix("_gpu") + ".yaml")
+        if base.exists():
+            return base
+    return path.parent / "shapes.yaml"
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` layered on ``base`` as ``-c base -c over`` does: mappings merge key by key,
+    everything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both else value
+    return out
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """A YAML as a dict, layered on its base config when it is an overlay."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not is_overlay(path):
+        return raw
+    return deep_merge(yaml.safe_load(base_config(path).read_text()), raw)
+
+
 def config_args(path: Path) -> list[str]:
     """``-c`` arguments for ``path``, preceded by its base config when it is an overlay."""
-    chain = [path.parent / "shapes.yaml", path] if is_overlay(path) else [path]
+    chain = [base_config(path), path] if is_overlay(path) else [path]
     return [arg for p in chain for arg in ("-c", str(p))]
 
 

@@ -8,6 +8,7 @@ import torch
 import yaml
 from student_fixtures import (
     LATENT_CHANNELS,
+    base_config,
     build_tiny_cache,
     build_tiny_teacher,
     build_tiny_vae,
@@ -15,6 +16,7 @@ from student_fixtures import (
     config_args,
     cpu_student_config,
     is_overlay,
+    load_config,
 )
 
 from fewstep.cli import run
@@ -121,6 +123,27 @@ def tiny_cache(tmp_path_factory, tiny_vae_dir) -> Path:
 
 
 # *pretrained* teachers load a PixArt folder: tested with a tiny one below.
+STUDENT_OVERLAYS = [p for p in yamls("student") if is_overlay(p)]
+
+
+@pytest.mark.parametrize("path", STUDENT_OVERLAYS, ids=lambda p: p.name)
+def test_student_overlays_layer_on_their_method_config_as_the_cli_does(path, capsys):
+    """``-c <method>_shapes.yaml -c <method>_shapes_gpu.yaml`` resolves to what the tests'
+    load_config merges (the configs tests then run that merged config on CPU)."""
+    assert base_config(path) != CONFIGS / "student/shapes.yaml" and base_config(path).exists()
+    with pytest.raises(SystemExit):
+        run(["fit", *config_args(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    merged = load_config(path)
+    for section in ("model", "data"):
+        for key, value in (
+            (yaml.safe_load(path.read_text()).get(section) or {}).get("init_args", {}).items()
+        ):
+            if not isinstance(value, dict):
+                assert printed[section]["init_args"][key] == merged[section]["init_args"][key]
+    assert printed["trainer"]["precision"] == merged["trainer"]["precision"]
+
+
 CPU_TEACHERS = [p for p in yamls("teacher") if "xl2" not in p.name and "pretrained" not in p.name]
 PRETRAINED_TEACHERS = [p for p in yamls("teacher") if "pretrained" in p.name]
 
@@ -139,7 +162,7 @@ def cpu_sized(path: Path, tmp_path: Path) -> Path:
 
 def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list[str]:
     """CLI arguments running a teacher YAML on CPU with the tiny cache and VAE, cheaply."""
-    base = cpu_sized(path.parent / "shapes.yaml" if is_overlay(path) else path, tmp_path)
+    base = cpu_sized(base_config(path) if is_overlay(path) else path, tmp_path)
     overlay = ["-c", str(path)] if is_overlay(path) else []
     return [
         "-c",
@@ -212,7 +235,7 @@ def tiny_teacher(tmp_path_factory):
 
 def trains_on_a_latent_cache(path: Path) -> bool:
     """A fit YAML (model: section) whose data is the plain CachedLatentDataModule."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_config(path)
     data = (raw.get("data") or {}).get("class_path", "")
     return isinstance(raw.get("model"), dict) and data.endswith("CachedLatentDataModule")
 
