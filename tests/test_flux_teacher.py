@@ -283,7 +283,6 @@ def fit_overrides(cache: Path, root: Path, guidance_embed: bool) -> list[str]:
         "--trainer.logger.init_args.save_dir",
         str(root),
         "--trainer.callbacks=[]",
-        "--trainer.enable_checkpointing=false",
         f"{net}in_channels={CHANNELS}",
         f"{net}hidden_size=32",
         f"{net}num_heads=2",
@@ -317,6 +316,19 @@ def test_fewstep_fit_trains_the_flux_teacher_from_yaml(flux_cache: Path, tmp_pat
     assert not torch.equal(
         trained["vector_in.in_layer.weight"], initial["vector_in.in_layer.weight"]
     )
+    # `fewstep export` writes the trained teacher as a FluxPipeline at its guidance scale
+    (ckpt,) = tmp_path.glob("teacher_flux/checkpoints/*.ckpt")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    args = ["--config", str(tmp_path / "teacher_flux/config.yaml"), "--ckpt_path", str(ckpt)]
+    out = ["--out", str(tmp_path / "pipe"), "--vae_path", str(tmp_path / "vae")]
+    result = run(["export", *args, *out])
+    record = json.loads((Path(result["pipeline"]) / "fewstep_export.json").read_text())
+    assert result["kind"] == "flux" and record["pipeline_call"] == {
+        "num_inference_steps": 2,
+        "height": 16,
+        "width": 16,
+        "guidance_scale": 3.0,
+    }
 
 
 # ---------------------------------------------------------------------------- export

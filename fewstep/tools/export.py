@@ -1,5 +1,6 @@
 """`fewstep export`: a trained teacher or distilled student (its fit YAML + a checkpoint) as a
-diffusers ``PixArtSigmaPipeline`` folder, with the EMA weights when the checkpoint has them."""
+diffusers ``PixArtSigmaPipeline`` folder (a Flux network: ``FluxPipeline``), with the EMA weights
+when the checkpoint has them."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
+from fewstep.export.flux_pipeline import export_flux_pipeline
 from fewstep.export.pixart_pipeline import (
     check_out_dir,
     export_pixart_sigma_pipeline,
     export_student_pipeline,
 )
 from fewstep.lightning.checkpoints import is_student, load_trained
+from fewstep.models.flux import Flux
 
 
 def _training_cache(config: str | Path) -> Path | None:
@@ -70,7 +73,10 @@ def export(
     check_out_dir(out, overwrite)  # fail before the slow part
     module, ckpt, weights = load_trained(config, ckpt_path, ema)
     why = "--text_encoder_path"
-    if text_encoder_path is None:
+    flux = isinstance(module.student if is_student(module) else module.network, Flux)
+    if text_encoder_path is None and flux:
+        why = "none given (--text_encoder_path: a FLUX.1 folder adds its CLIP and T5)"
+    elif text_encoder_path is None:
         text_encoder_path, why = training_text_encoder(config)
     vae = vae_path or getattr(module, "vae_path", None)
     if vae is None:
@@ -84,6 +90,9 @@ def export(
         "eval_table": run_eval_table(ckpt_path),
         "text_encoder": {"path": text_encoder_path, "why": why},
     }
+    if flux:
+        folder = _export_flux(module, vae, out, config, text_encoder_path, overwrite, metadata)
+        return {"pipeline": str(folder), "weights": weights, "kind": "flux"}
     if is_student(module):
         folder = _export_student(module, vae, out, text_encoder_path, overwrite, metadata)
         return {"pipeline": str(folder), "weights": weights, "kind": "student"}
@@ -127,4 +136,50 @@ def _export_student(
             "method": type(method).__name__,
             "teacher": dict(getattr(module, "teacher_identity", {})),
         },
+    )
+
+
+def _latent_size(config: str | Path) -> tuple[int, int]:
+    """(h, w) of the latents in the fit YAML's cache (the Flux pipeline's height and width)."""
+    from fewstep.data.cache import read_manifest
+
+    cache = _training_cache(config)
+    if cache is None or not (cache / "manifest.json").is_file():
+        raise ValueError(
+            f"Exporting a Flux network needs its latent size: no finished latent cache at "
+            f"data.init_args.path of '{config}'; point it at the cache the model trained on."
+        )
+    _, h, w = read_manifest(cache)["latent_shape"]
+    return int(h), int(w)
+
+
+def _export_flux(
+    module: pl.LightningModule,
+    vae: str,
+    out: str,
+    config: str,
+    text_encoder_path: str | None,
+    overwrite: bool,
+    metadata: dict[str, Any],
+) -> Path:
+    """A Flux teacher or Euler-sampled Flux student as a FluxPipeline folder."""
+    student = is_student(module)
+    steps = sorted({*getattr(module, "eval_steps", []), module.sampler.steps})
+    extra = {}
+    if student:
+        teacher = dict(getattr(module, "teacher_identity", {}))
+        extra = {"kind": "student", "method": type(module.method).__name__, "teacher": teacher}
+    return export_flux_pipeline(
+        module.student if student else module.network,
+        vae,
+        out,
+        module.process,
+        module.prediction,
+        module.sampler,
+        _latent_size(config),
+        guidance_scale=module.guidance_scale,
+        steps=steps,
+        text_encoder_path=text_encoder_path,
+        overwrite=overwrite,
+        metadata={**metadata, **extra},
     )
