@@ -211,6 +211,18 @@ def test_fake_score_step_is_the_teachers_diffusion_loss_on_the_detached_student_
     assert logs["fake_diffusion"].item() == pytest.approx((pred - (eps - x0)).pow(2).mean().item())
 
 
+def test_fake_score_trains_at_the_teachers_own_times_unless_told_otherwise():
+    """fake_timesteps: null reads the teacher's timestep_sampler from Models (one owner)."""
+    models = guided_models(teacher_timesteps=ConstantTime(0.6))
+    g = torch.Generator().manual_seed(0)
+    method = DMD2()
+    method.setup(models)
+    assert torch.equal(method.fake_times(3, models.process, g), torch.full((3,), 0.6))
+    method = DMD2(fake_timesteps=ConstantTime(0.2))
+    method.setup(models)
+    assert torch.equal(method.fake_times(3, models.process, g), torch.full((3,), 0.2))
+
+
 def test_gan_head_step_trains_the_fake_score_and_heads_on_data_vs_student():
     models = guided_models()
     method = DMD2(gan_weight=0.5, gan_head_weight=1.0, head_hidden=16, head_cond_dim=16)

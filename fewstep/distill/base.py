@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Sampler
 from fewstep.diffusion.schedules import NoiseProcess
+from fewstep.diffusion.timesteps import TimestepSampler
 
 
 @dataclass(eq=False)
@@ -53,6 +54,7 @@ class Models:
     student_sampler: Sampler | None = None  # the student's sampler (its step grid)
     teacher_sampler: Sampler | None = None  # the teacher's reference sampler
     guidance_scale: float = 1.0  # the teacher's reference CFG scale
+    teacher_timesteps: TimestepSampler | None = None  # the teacher's training-time sampler
 
 
 class DistillationMethod(nn.Module):
@@ -89,6 +91,11 @@ class DistillationMethod(nn.Module):
     def discriminator_parameters(self) -> Iterator[nn.Parameter]:
         """The second optimiser's parameters."""
         return iter(())
+
+    def generator_step_due(self, global_step: int) -> bool:
+        """Whether the student steps in the batch starting at optimiser step ``global_step``
+        (two time-scale rules such as DMD2's; a function of the step alone so resume is exact)."""
+        return True
 
     def after_student_step(self, models: Models) -> None:
         """Hook after each student optimiser step (e.g. the EMA-target update)."""

@@ -74,10 +74,11 @@ class DMD2(DistillationMethod):
 
     ``min_time``/``max_time`` bound the unit time of the distribution-matching re-noising (DMD2's
     min/max_step_percent); ``fake_timesteps`` draws the fake score's diffusion-loss times in the
-    process's own time, like the teacher's ``timestep_sampler`` (None: the same U[min, max] as the
-    matching). The student's grid is its sampler's (read from ``Models``); the real score uses the
-    StudentModule's ``guidance_scale``. ``gan_weight`` > 0 adds heads on the fake-score network's
-    ``gan_feature_blocks`` trained with weight ``gan_head_weight`` in the fake-score step.
+    process's own time (None: the teacher's own ``timestep_sampler``, from ``Models``; without one,
+    the same U[min, max] as the matching). The student's grid is its sampler's (read from
+    ``Models``); the real score uses the StudentModule's ``guidance_scale``. ``gan_weight`` > 0
+    adds heads on the fake-score network's ``gan_feature_blocks`` trained with weight
+    ``gan_head_weight`` in the fake-score step.
     """
 
     num_optimizers: ClassVar[int] = 2
@@ -100,6 +101,7 @@ class DMD2(DistillationMethod):
         self.fake_steps_per_generator_step = fake_steps_per_generator_step
         self.min_time, self.max_time = min_time, max_time
         self.fake_timesteps = fake_timesteps
+        self.teacher_timesteps: TimestepSampler | None = None  # from Models in setup
         self.backward_simulation = backward_simulation
         self.gan_weight, self.gan_head_weight = gan_weight, gan_head_weight
         self.gan_feature_blocks = gan_feature_blocks if gan_feature_blocks is not None else [-1]
@@ -117,6 +119,7 @@ class DMD2(DistillationMethod):
         teacher network (DMD2 §4.2) and the optional GAN heads (idempotent)."""
         self.student_times = student_grid(models)
         self.guidance_scale = models.guidance_scale
+        self.teacher_timesteps = models.teacher_timesteps  # the fake score trains like the teacher
         teacher = models.teacher.net
         if self.fake_score is None:
             self.fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
@@ -168,9 +171,10 @@ class DMD2(DistillationMethod):
 
     def fake_times(self, batch: int, process: NoiseProcess, g: torch.Generator) -> Tensor:
         """The fake score's diffusion-loss times [B] (``fake_timesteps``, else matching times)."""
-        if self.fake_timesteps is None:
+        sampler = self.fake_timesteps or self.teacher_timesteps
+        if sampler is None:
             return self.matching_times(batch, process, g)
-        return self.fake_timesteps(batch, device=g.device, generator=g).float()
+        return sampler(batch, device=g.device, generator=g).float()
 
     @torch.no_grad()
     def student_inputs(self, batch: DistillBatch, models: Models) -> tuple[Tensor, Tensor]:

@@ -113,6 +113,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         reference = load_teacher(teacher_config, teacher_ckpt, use_teacher_ema)
         self.teacher = reference.network  # registered (moves with the module), stripped on save
         self.process, self.prediction = reference.process, reference.prediction
+        self.teacher_timesteps = getattr(reference, "timestep_sampler", None)
         self.teacher_identity = {
             "config": str(teacher_config),
             "ckpt": str(teacher_ckpt),
@@ -178,6 +179,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
             student_sampler=self.sampler,
             teacher_sampler=self.teacher_sampler,
             guidance_scale=self.guidance_scale,
+            teacher_timesteps=self.teacher_timesteps,
         )
 
     def train(self, mode: bool = True) -> StudentModule:
@@ -259,12 +261,6 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         self._manual_step(distill)
         return None
 
-    def _generator_step_due(self) -> bool:
-        """The method's two time-scale rule at this global step (``generator_step_due``, e.g.
-        DMD2's), else True: a function of the global step alone, so resume stays exact."""
-        due = getattr(self.method, "generator_step_due", None)
-        return True if due is None else bool(due(self.global_step))
-
     def _manual_step(self, batch: DistillBatch) -> None:
         """Student step (when due) then discriminator step, each with only its own parameters
         trainable (toggled), backward through the precision plugin, gradients clipped in
@@ -273,7 +269,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         opt_g, opt_d = self.optimizers()
         b = batch.latents.shape[0]
         stepped = [opt_d.optimizer]
-        if self._generator_step_due():
+        if self.method.generator_step_due(self.global_step):
             with self.toggled_optimizer(opt_g):
                 loss, logs = self.method.generator_loss(batch, self.models)
                 self.manual_backward(loss)
