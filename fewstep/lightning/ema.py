@@ -6,8 +6,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
+
+from fewstep.lightning.fsdp_params import clean_name, fsdp_root, gather_full, scatter_full
 
 
 def warmup_decay(decay: float, num_updates: int) -> float:
@@ -21,7 +24,11 @@ class EMA(pl.Callback):
     """Keeps ema <- decay * ema + (1 - decay) * param for the trainable floating-point parameters
     of ``getattr(pl_module, attribute)``; swaps the average in for validation, checkpoints it.
     With ``warmup`` the decay ramps up as ``warmup_decay`` (without it, a 0.998 average still
-    holds 37 % of the initial weights after 500 steps)."""
+    holds 37 % of the initial weights after 500 steps).
+
+    Under FSDP the average is kept sharded like the parameters (each rank averages its shard),
+    named by the full parameter names; the checkpoint stores it gathered to full tensors, the
+    same format as on one device, so a run resumes and exports on any number of devices."""
 
     def __init__(
         self,
@@ -44,6 +51,7 @@ class EMA(pl.Callback):
         self._last_global_step = -1
         self._loaded: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
+        self._module: pl.LightningModule | None = None  # set once the average is built
 
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network being averaged."""
@@ -55,10 +63,20 @@ class EMA(pl.Callback):
             )
         return module
 
-    def _params(self, pl_module: pl.LightningModule) -> list[Tensor]:
+    def _named(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
+        """The target's parameters by their unwrapped names (FSDP inserts wrapper prefixes)."""
+        return {clean_name(n): p for n, p in self.target(pl_module).named_parameters()}
+
+    def _params(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
         """The averaged parameters, in ``self.names`` order."""
-        params = dict(self.target(pl_module).named_parameters())
+        params = self._named(pl_module)
         return [params[name] for name in self.names]
+
+    @staticmethod
+    def _fsdp(pl_module: pl.LightningModule) -> Any:
+        """The FSDP root wrapping ``pl_module`` (its parameters are sharded), or None."""
+        trainer = pl_module._trainer
+        return fsdp_root(trainer.strategy.model) if trainer is not None else None
 
     def _ensure_ready(self, pl_module: pl.LightningModule) -> bool:
         """Build the shadow copy (from a loaded checkpoint state if any); False if impossible."""
@@ -68,19 +86,24 @@ class EMA(pl.Callback):
             return False  # validate/test without a fitted or loaded average: nothing to swap
         named = [
             (n, p)
-            for n, p in self.target(pl_module).named_parameters()
+            for n, p in self._named(pl_module).items()
             if p.requires_grad and p.is_floating_point()
         ]
         self.names = [n for n, _ in named]
-        if self._loaded is not None:
-            saved = self._loaded["shadow"]
-            missing = [n for n in self.names if n not in saved]
-            if missing:
-                raise KeyError(f"EMA checkpoint state lacks parameters {missing[:5]}")
-            self.shadow = [saved[n].to(p.device, p.dtype).clone() for n, p in named]
-            self._loaded = None
-        else:
+        self._module = pl_module
+        if self._loaded is None:
             self.shadow = [p.detach().clone() for _, p in named]
+            return True
+        saved = self._loaded["shadow"]
+        missing = [n for n in self.names if n not in saved]
+        if missing:
+            raise KeyError(f"EMA checkpoint state lacks parameters {missing[:5]}")
+        root = self._fsdp(pl_module)
+        if root is not None:  # every rank holds the full average: keep this rank's shards
+            self.shadow = scatter_full(root, [p for _, p in named], [saved[n] for n in self.names])
+        else:
+            self.shadow = [saved[n].to(p.device, p.dtype).clone() for n, p in named]
+        self._loaded = None
         return True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -151,6 +174,11 @@ class EMA(pl.Callback):
         """Copy the averaged weights into ``module`` (the target network or a copy of it)."""
         if not self.shadow and self._loaded is None:
             raise RuntimeError("EMA.copy_to: no average yet (train, or load a checkpoint first)")
+        if self.shadow and self._module is not None and self._fsdp(self._module) is not None:
+            raise RuntimeError(
+                "EMA.copy_to: the average is sharded (FSDP); export it from a checkpoint "
+                "(fewstep.lightning.checkpoints.apply_ema), which holds it gathered."
+            )
         params = dict(module.named_parameters())
         saved = (
             self._loaded["shadow"]
@@ -168,15 +196,22 @@ class EMA(pl.Callback):
             "decay": self.decay,
             "num_updates": self.num_updates,
             "steps_seen": self._steps_seen,
-            "shadow": {
-                n: t.detach().to("cpu", copy=True)
-                for n, t in zip(self.names, self.shadow, strict=True)
-            },
+            "shadow": dict(zip(self.names, self._full_shadow(), strict=False)),
         }
+
+    def _full_shadow(self) -> list[Tensor]:
+        """The average as full CPU tensors; under FSDP gathered (a collective: Lightning asks
+        every rank for callback states) and kept on rank 0 only, which writes checkpoints."""
+        root = self._fsdp(self._module) if self._module is not None else None
+        if root is None:
+            return [t.detach().to("cpu", copy=True) for t in self.shadow]
+        params = self._params(self._module)
+        full = gather_full(root, params, self.shadow, keep=dist.get_rank() == 0)
+        return full if full is not None else []
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore on resume; tensors move to the parameters' device at fit start."""
         self._loaded = state_dict
         self.num_updates = int(state_dict.get("num_updates", 0))
         self._steps_seen = int(state_dict.get("steps_seen", 0))
-        self.names, self.shadow = [], []
+        self.names, self.shadow, self._module = [], [], None
