@@ -67,8 +67,8 @@ def test_student_metrics_against_the_data_and_the_teacher(world, tmp_path) -> No
         str(teacher.config), str(teacher.ckpt), ConsistencyDistillation(), Euler(steps=2),
         eval_steps=[1, 2], vae_path=str(teacher.vae), val_num_samples=3, guidance_scale=1.0,
         teacher_sampler=Euler(steps=2),
+        metrics={"fid": FID(ShapesFeatures()), "clip": CLIPScore(str(clip))},  # as from the YAML
     )  # fmt: skip
-    module.set_eval_metrics({"fid": FID(ShapesFeatures()), "clip": CLIPScore(str(clip))})
     data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
     logger = TensorBoardLogger(tmp_path, name="student", version="")
     trainer = quiet_trainer(1, tmp_path, logger=logger, limit_val_batches=1)

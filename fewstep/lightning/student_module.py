@@ -19,6 +19,7 @@ from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.lightning.checkpoints import load_module, load_trained
+from fewstep.lightning.eval_metrics import Metrics
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
@@ -99,9 +100,10 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         fidelity_features: str | None = None,
         diversity_prompts: int = 4,
         diversity_seeds: int = 8,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
-        objects = ["method", "sampler", "teacher_sampler", "student_network"]
+        objects = ["method", "sampler", "teacher_sampler", "student_network", "metrics"]
         callables = ["optimizer", "disc_optimizer", "lr_scheduler", "disc_lr_scheduler"]
         self.save_hyperparameters(ignore=[*objects, *callables])
         self.eval_steps = [int(n) for n in (eval_steps if eval_steps is not None else [1, 2, 4])]
@@ -146,6 +148,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         self.automatic_optimization = method.num_optimizers == 1
         self.method.setup(self.models)
         self._build_metrics()
+        self.set_eval_metrics(metrics)
         self._val_scored = 0
         self._trained_steps = 0  # global_step of the loaded checkpoint (eval table title)
         self._grid: dict[str, list[np.ndarray]] = {}
