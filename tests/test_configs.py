@@ -21,12 +21,15 @@ from student_fixtures import (
 
 from fewstep.cli import run
 from fewstep.data.cache import read_manifest
-from fewstep.models.dit import DiT
+from fewstep.models.dit import DiT, PixArtBlock
+from fewstep.models.flux_layers import DoubleStreamBlock, SingleStreamBlock
 from fewstep.models.vae import VAE
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # configs/model/dit/*.yaml are network presets, instantiated in tests/test_dit.py.
-RUNNERS = {"shapes", "vae", "cache", "model", "teacher", "student"}
+# configs/fsdp/*.yaml are trainer-only overlays on any teacher or student YAML (tested below; the
+# sharded training itself runs in tests/test_distributed.py).
+RUNNERS = {"shapes", "vae", "cache", "model", "teacher", "student", "fsdp"}
 
 
 def yamls(stage: str) -> list[Path]:
@@ -306,3 +309,38 @@ def test_a_plain_trainer_gets_the_final_step_with_the_callback(tmp_path):
     )
     trainer.fit(BoringModel())
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+FSDP_BLOCKS = {
+    "pixart_xl.yaml": {PixArtBlock},
+    "flux.yaml": {DoubleStreamBlock, SingleStreamBlock},
+}
+
+
+@pytest.mark.parametrize("path", yamls("fsdp"), ids=lambda p: p.name)
+@pytest.mark.parametrize("base", ["teacher/pixart_sigma_xl2.yaml", "student/dmd2_shapes.yaml"])
+def test_fsdp_overlays_shard_every_block_with_checkpointing(path, base, capsys):
+    """``-c <teacher or student yaml> -c configs/fsdp/<x>.yaml`` resolves to an FSDPStrategy
+    whose wrap and activation-checkpointing policies are the network's block classes, with
+    bf16-mixed precision and one-file (exportable) checkpoints."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    with pytest.raises(SystemExit):
+        run(["fit", "-c", str(CONFIGS / base), "-c", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    base_model = yaml.safe_load((CONFIGS / base).read_text())["model"]
+    assert printed["model"]["class_path"] == base_model["class_path"]  # the overlay keeps it
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Strategy, "strategy")
+    overlay = yaml.safe_load(path.read_text())["trainer"]["strategy"]
+    strategy = parser.instantiate(parser.parse_object({"strategy": overlay})).strategy
+    assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
+    wrap = strategy.kwargs["auto_wrap_policy"]
+    checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    for policy in (wrap, checkpointing):
+        assert isinstance(policy, ModuleWrapPolicy)
+        assert set(policy._module_classes) == FSDP_BLOCKS[path.name]
+    assert strategy.kwargs["use_orig_params"]  # the EMA callback's FSDP path needs it
