@@ -4,7 +4,7 @@ step counts (Ho & Salimans 2022), logged as captioned image grids."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -22,16 +22,26 @@ from fewstep.utils.artifacts import CFG_FOLDER, cfg_grid_name
 from fewstep.utils.seeding import fixed_noise
 
 
+class Row(NamedTuple):
+    """One prompt of the grids: text [L, D], mask [L] bool, caption, pooled vector [Dv] or None."""
+
+    text: Tensor
+    mask: Tensor
+    caption: str
+    cond: Tensor | None = None
+
+
 class CFGEvalCallback(pl.Callback):
     """Every ``every_n_steps`` (checked at validation end, so EMA weights are in place) samples
     the prompts with the same noise for every (scale, steps) and logs one grid per pair to
     TensorBoard (``cfg/scale_<s>/steps_<n>``) and, with ``save_png``, to ``<log_dir>/cfg_eval``.
 
-    The module must provide ``sample_latents(text, mask, noise, scale, sampler)``,
+    The module must provide ``sample_latents(text, mask, noise, scale, sampler, cond)``,
     ``sampler`` (a ``Sampler``: ``with_steps(n)``), ``decode(latents)`` and ``network`` (as
     TeacherModule does).
-    Without ``prompts`` the first ``num_prompts`` validation captions are used; custom prompts
-    are encoded with the text encoder at ``text_encoder_path`` (the one the cache was built with).
+    Without ``prompts`` the first ``num_prompts`` validation captions are used, with their pooled
+    text vectors (``cond``, for FLUX.1 networks) when the batches carry them; custom prompts are
+    encoded with the text encoder at ``text_encoder_path`` (the one the cache was built with).
     """
 
     def __init__(
@@ -61,7 +71,7 @@ class CFGEvalCallback(pl.Callback):
         self.steps = list(steps or [4, 20])
         self.seed, self.save_png, self.cell = seed, save_png, cell
         self.last_step = 0  # global step of the last grids (saved in checkpoints)
-        self._rows: list[tuple[Tensor, Tensor, str]] = []  # (text [L, D], mask [L], caption)
+        self._rows: list[Row] = []
         self._latent_shape: tuple[int, ...] | None = None
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -84,7 +94,8 @@ class CFGEvalCallback(pl.Callback):
         if check is not None:
             check(text=encoder.fingerprint())
         text, mask = encoder(list(self.prompts))
-        self._rows = [(t[m], m[m], c) for t, m, c in zip(text, mask, self.prompts, strict=True)]
+        rows = zip(text, mask, self.prompts, strict=True)
+        self._rows = [Row(t[m], m[m], c) for t, m, c in rows]
 
     def on_validation_batch_end(
         self,
@@ -103,8 +114,11 @@ class CFGEvalCallback(pl.Callback):
         if self.prompts is not None or need <= 0:
             return
         texts, masks = batch["text"][:need], batch["text_mask"][:need]
-        for text, mask, caption in zip(texts, masks, batch["caption"][:need], strict=True):
-            self._rows.append((text.detach().cpu(), mask.detach().cpu().bool(), caption))
+        conds = batch["cond"][:need] if "cond" in batch else [None] * len(texts)
+        rows = zip(texts, masks, batch["caption"][:need], conds, strict=True)
+        for text, mask, caption, cond in rows:
+            pooled = None if cond is None else cond.detach().cpu()
+            self._rows.append(Row(text.detach().cpu(), mask.detach().cpu().bool(), caption, pooled))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Sample and log the grids when due (all ranks sample: FSDP needs every rank)."""
@@ -122,15 +136,17 @@ class CFGEvalCallback(pl.Callback):
     ) -> dict[tuple[float, int], Image.Image]:
         """One captioned grid per (guidance scale, steps), all from the same noise."""
         device = pl_module.device
-        text, mask = pad_rows([r[0] for r in self._rows], [r[1] for r in self._rows])
+        text, mask = pad_rows([r.text for r in self._rows], [r.mask for r in self._rows])
         text, mask = text.to(device), mask.to(device)
         noise = fixed_noise(self._shape(pl_module), range(len(self._rows)), self.seed, device)
-        captions = [r[2] for r in self._rows]
+        captions = [r.caption for r in self._rows]
+        pooled = [r.cond for r in self._rows]
+        cond = None if any(c is None for c in pooled) else torch.stack(pooled).to(device)
         out = {}
         for steps in self.steps:
             sampler = pl_module.sampler.with_steps(steps)
             for scale in self.guidance_scales:
-                args = (text, mask, noise, scale, sampler)
+                args = (text, mask, noise, scale, sampler, cond)
                 latents = call_wrapped(trainer, pl_module, "sample_latents", *args)
                 images = pl_module.decode(latents)
                 if images is None:

@@ -162,17 +162,19 @@ class StudentEvaluation:
             return
         x0 = batch["latents"]
         text, mask = batch["text"][rows], batch["text_mask"][rows].bool()
+        cond = batch["cond"][rows] if "cond" in batch else None  # pooled text [B, Dv] (Flux)
         indices = batch["index"][rows].tolist()
         noise = fixed_noise(x0.shape[1:], indices, self.seed, x0.device)
         specs = [specs_of(batch["metadata"])[i] for i in rows]
         if self._val_scored == 0:  # warm-up (kernels, caches) outside the timings
-            self.teacher_latents(text[:1], mask[:1], noise[:1])
+            first = None if cond is None else cond[:1]
+            self.teacher_latents(text[:1], mask[:1], noise[:1], first)
             for n in self.eval_steps:
-                self.student_latents(text[:1], mask[:1], noise[:1], n)
-            self._measure_diversity(text, mask, tuple(x0.shape[1:]), indices)
+                self.student_latents(text[:1], mask[:1], noise[:1], n, cond=first)
+            self._measure_diversity(text, mask, tuple(x0.shape[1:]), indices, cond)
         room = self.grid_samples - len(self._captions)
         self._captions += [batch["caption"][i] for i in rows[: max(room, 0)]]
-        teacher, ms = self._timed(lambda: self.teacher_latents(text, mask, noise), len(rows))
+        teacher, ms = self._timed(lambda: self.teacher_latents(text, mask, noise, cond), len(rows))
         teacher_images = self._score("teacher", teacher, ms, specs)
         metrics = getattr(self, "val_metrics", None)
         data_images = self.decode(x0[rows]) if self._fids() or metrics else None
@@ -185,7 +187,8 @@ class StudentEvaluation:
                 mix_seed(self.seed, 1 << 41, n, indices[0])
             )
             latents, ms = self._timed(
-                lambda n=n, g=generator: self.student_latents(text, mask, noise, n, g), len(rows)
+                lambda n=n, g=generator: self.student_latents(text, mask, noise, n, g, cond),
+                len(rows),
             )
             images = self._score(f"student_{n}", latents, ms, specs)
             self.val_means[f"student_{n}__latent_mse"].update(
@@ -201,10 +204,16 @@ class StudentEvaluation:
         self._val_scored += len(rows)
 
     def _measure_diversity(
-        self, text: Tensor, mask: Tensor, shape: tuple[int, ...], indices: list[int]
+        self,
+        text: Tensor,
+        mask: Tensor,
+        shape: tuple[int, ...],
+        indices: list[int],
+        cond: Tensor | None = None,
     ) -> None:
         """Mean pairwise feature distance over ``diversity_seeds`` noises of each of the first
-        ``diversity_prompts`` prompts, per eval key (mode collapse shows as a drop)."""
+        ``diversity_prompts`` prompts (with their pooled vectors ``cond``, if any), per eval key
+        (mode collapse shows as a drop)."""
         net, seeds = self._feature_net(), self.hparams.get("diversity_seeds", 8)
         prompts = min(self.hparams.get("diversity_prompts", 4), len(indices))
         if net is None or prompts == 0 or seeds < 2:
@@ -213,15 +222,17 @@ class StudentEvaluation:
             text[:prompts].repeat_interleave(seeds, 0),
             mask[:prompts].repeat_interleave(seeds, 0),
         )
+        if cond is not None:
+            cond = cond[:prompts].repeat_interleave(seeds, 0)  # [P, Dv] -> [P*S, Dv]
         keys = [mix_seed(i, 1 << 42, j) for i in indices[:prompts] for j in range(seeds)]
         noise = fixed_noise(shape, keys, self.seed, text.device)
         for key in self.eval_keys:
             if key == "teacher":
-                latents = self.teacher_latents(text, mask, noise)
+                latents = self.teacher_latents(text, mask, noise, cond)
             else:
                 n = int(key.removeprefix("student_"))
                 generator = torch.Generator(device=text.device).manual_seed(mix_seed(self.seed, n))
-                latents = self.student_latents(text, mask, noise, n, generator)
+                latents = self.student_latents(text, mask, noise, n, generator, cond)
             images = self.decode(latents)
             if images is None:
                 return

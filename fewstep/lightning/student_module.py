@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from fewstep.diffusion.denoiser import Denoiser
+from fewstep.diffusion.guidance import guidance_passes
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.lightning.checkpoints import load_module, load_trained
@@ -23,7 +23,7 @@ from fewstep.lightning.eval_metrics import Metrics
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
-from fewstep.lightning.teacher_module import default_optimizer
+from fewstep.lightning.teacher_module import default_optimizer, network_denoiser
 from fewstep.utils.fingerprint import weights_hash
 from fewstep.utils.manifest import verify_shipped
 
@@ -161,23 +161,20 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         """The network the EMA callback averages: the student only."""
         return self.student
 
-    @staticmethod
-    def _learned_sigma(net: nn.Module) -> bool:
-        """Whether a network also outputs variance channels."""
-        return bool(getattr(net, "learn_sigma", False))
+    @property
+    def takes_pooled_text(self) -> bool:
+        """Whether the networks take a pooled text vector (FLUX.1's ``vector_in``): only then is
+        a batch's ``cond`` passed on (a DiT has no pooled-text input and ignores it)."""
+        return hasattr(self.teacher, "vector_in")
 
     @property
     def models(self) -> Models:
-        """Student and teacher as denoisers on the teacher's process (built per call)."""
-        student = Denoiser(
-            self.student, self.process, self.prediction, self._learned_sigma(self.student)
-        )
-        teacher = Denoiser(
-            self.teacher, self.process, self.prediction, self._learned_sigma(self.teacher)
-        )
+        """Student and teacher as denoisers on the teacher's process (built per call); a
+        guidance-embedded network (FLUX.1-dev) is fed ``guidance=guidance_scale`` by default."""
+        scale = self.guidance_scale
         return Models(
-            student=student,
-            teacher=teacher,
+            student=network_denoiser(self.student, self.process, self.prediction, scale),
+            teacher=network_denoiser(self.teacher, self.process, self.prediction, scale),
             process=self.process,
             student_sampler=self.sampler,
             teacher_sampler=self.teacher_sampler,
@@ -204,24 +201,34 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         noise: Tensor,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        cond: Tensor | None = None,
     ) -> Tensor:
-        """Student samples from ``noise`` through ``method.student_denoiser`` (no CFG)."""
+        """Student samples from ``noise`` through ``method.student_denoiser`` (no CFG); ``cond``:
+        the pooled text vectors [B, Dv] of a network that takes them."""
         sampler = self.sampler if steps is None else self.student_sampler(steps)
         denoiser = self.method.student_denoiser(self.models.student)
-        return sampler(denoiser.bind(text=text, text_mask=text_mask.bool()), noise, generator)
+        conds = {"text": text, "text_mask": text_mask.bool()}
+        if cond is not None and self.takes_pooled_text:
+            conds["cond"] = cond
+        return sampler(denoiser.bind(**conds), noise, generator)
 
-    def teacher_latents(self, text: Tensor, text_mask: Tensor, noise: Tensor) -> Tensor:
-        """The teacher's reference samples (``teacher_sampler`` at ``guidance_scale``)."""
-        scale = self.guidance_scale
-        null = self.null_text() if scale != 1.0 else None
+    def teacher_latents(
+        self, text: Tensor, text_mask: Tensor, noise: Tensor, cond: Tensor | None = None
+    ) -> Tensor:
+        """The teacher's reference samples (``teacher_sampler`` at ``guidance_scale``; the null
+        text only for two-pass CFG, not for a guidance-embedded teacher)."""
+        scale, teacher = self.guidance_scale, self.models.teacher
+        null = self.null_text() if guidance_passes(teacher, scale) == 2 else None
+        cond = cond if self.takes_pooled_text else None
         return generate(
-            self.models.teacher, self.teacher_sampler, text, text_mask, noise, scale, null
+            teacher, self.teacher_sampler, text, text_mask, noise, scale, null, cond=cond
         )
 
     @property
     def teacher_nfe(self) -> int:
-        """Teacher network passes per image: sampler NFE, doubled by CFG."""
-        return self.teacher_sampler.nfe * (1 if self.guidance_scale == 1.0 else 2)
+        """Teacher network passes per image: sampler NFE, doubled by two-pass CFG (one pass per
+        step for a guidance-embedded teacher)."""
+        return self.teacher_sampler.nfe * guidance_passes(self.models.teacher, self.guidance_scale)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -237,6 +244,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         b = x0.shape[0]
         null_text = null[0].to(text.device, text.dtype).expand(b, *null[0].shape[1:])
         null_mask = null[1].to(text.device).bool().expand(b, *null[1].shape[1:])
+        pooled, null_pooled = self._pooled(batch, null.cond)
         return DistillBatch(
             latents=x0,
             text=text,
@@ -245,7 +253,26 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
             null_mask=null_mask,
             generator=generator,
             noise=batch.get("noise"),
+            pooled=pooled,
+            null_pooled=null_pooled,
         )
+
+    def _pooled(
+        self, batch: dict[str, Any], null: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The batch's pooled text vectors [B, Dv] and the null caption's, expanded to the batch
+        (None, None for networks without a pooled-text input or batches without ``cond``)."""
+        pooled = batch.get("cond") if self.takes_pooled_text else None
+        if pooled is None:
+            return None, None
+        if null is None:
+            raise ValueError(
+                "StudentModule: the batches carry a pooled text vector (cond) but the "
+                "datamodule's null_text() has none; use CachedLatentDataModule with pooled_text "
+                "'cache' or 'mean_tokens', as the teacher was trained with."
+            )
+        null_pooled = null.to(pooled.device, pooled.dtype).expand(pooled.shape[0], -1)
+        return pooled, null_pooled
 
     def _log_losses(self, prefix: str, loss: Tensor, logs: dict[str, Tensor], b: int) -> None:
         """Log a loss and the method's scalars under ``prefix``."""

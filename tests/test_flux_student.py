@@ -1,0 +1,166 @@
+"""Distilling a Flux teacher: configs/student/progressive_flux_shapes.yaml and the LCM recipe run
+through `fewstep fit`/`validate` on a tiny FLUX.1-architecture teacher; the batch's pooled text
+vector (``cond``) reaches teacher and student (the null caption's with CFG's unconditional half);
+a guidance-embedded teacher (FLUX.1-dev style) costs one pass per step in the NFE count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from student_fixtures import (
+    CONFIGS,
+    LATENT_CHANNELS,
+    TEXT_DIM,
+    TinyTeacher,
+    build_tiny_cache,
+    build_tiny_vae,
+    cpu_student_config,
+    quiet_trainer,
+)
+
+from fewstep.cli import run
+from fewstep.data.datamodule import CachedLatentDataModule
+from fewstep.diffusion.samplers import Euler
+from fewstep.lightning.checkpoints import load_module
+from fewstep.lightning.ema import EMA
+from fewstep.lightning.sampling import as_null_text
+from fewstep.lightning.student_module import StudentModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROGRESSIVE = CONFIGS / "student/progressive_flux_shapes.yaml"
+LCM = CONFIGS / "student/lcm_shapes.yaml"
+TINY_FLUX = {
+    "in_channels": LATENT_CHANNELS,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "context_in_dim": TEXT_DIM,
+    "vec_in_dim": TEXT_DIM,  # the pooled vector is the mean of the MiniLM tokens
+    "axes_dim": [4, 6, 6],
+}
+
+
+def flux_data(cache: Path) -> CachedLatentDataModule:
+    """The tiny cache with the pooled vector as configs/teacher/flux_shapes.yaml derives it."""
+    return CachedLatentDataModule(
+        str(cache), batch_size=4, val_fraction=0.25, pooled_text="mean_tokens"
+    )
+
+
+def train_flux_teacher(root: Path, cache: Path, vae: Path, guidance_embed: bool) -> TinyTeacher:
+    """configs/teacher/flux_shapes.yaml with a tiny network, trained 2 steps (EMA 0.5)."""
+    config = yaml.safe_load((CONFIGS / "teacher/flux_shapes.yaml").read_text())
+    network = config["model"]["init_args"]["network"]
+    network["init_args"] = {**TINY_FLUX, "guidance_embed": guidance_embed}
+    config["model"]["init_args"].update(vae_path=str(vae), val_num_samples=4)
+    config["model"]["init_args"]["sampler"]["init_args"]["steps"] = 2
+    config["data"]["init_args"].update(path=str(cache), batch_size=4, val_fraction=0.25)
+    path = root / f"teacher_flux_{guidance_embed}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    module = load_module(path)
+    with torch.no_grad():
+        for p in module.network.parameters():
+            p.normal_(0.0, 0.05)  # non-trivial weights (zero-initialised output layers)
+    trainer = quiet_trainer(2, callbacks=[EMA(decay=0.5)])
+    trainer.fit(module, flux_data(cache))
+    ckpt = root / f"teacher_flux_{guidance_embed}.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return TinyTeacher(root, path, ckpt, cache, vae, "flow")
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[bool, TinyTeacher]:
+    """Tiny Flux teachers keyed by guidance_embed (two-pass CFG, or the scale as an input)."""
+    root = tmp_path_factory.mktemp("flux_teachers")
+    vae = build_tiny_vae(root / "vae")
+    cache = build_tiny_cache(root / "cache", vae, num_samples=16)
+    return {g: train_flux_teacher(root, cache, vae, g) for g in (False, True)}
+
+
+def fit_and_validate(config: Path, *extra: str) -> dict[str, float]:
+    """`fewstep fit` (one step) then `fewstep validate`; the validation metrics."""
+    run(["fit", "-c", str(config), "--trainer.fast_dev_run=true", *extra])
+    cli = run(["validate", "-c", str(config), "--trainer.limit_val_batches=1", *extra])
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+
+@pytest.mark.parametrize("guidance_embed", [False, True])
+def test_progressive_flux_config_distils_and_counts_teacher_passes(
+    teachers, tmp_path, guidance_embed
+):
+    config = cpu_student_config(PROGRESSIVE, teachers[guidance_embed], tmp_path)
+    metrics = fit_and_validate(config)
+    steps = Euler(steps=2).nfe  # cpu_student_config: the teacher's 2-step Euler reference
+    assert metrics["val/teacher/nfe"] == steps * (1 if guidance_embed else 2)
+    assert metrics["val/student_1/nfe"] == 1 and metrics["val/student_2/nfe"] == 2
+    assert metrics["val/student_1/latent_mse"] > 0
+
+
+def test_lcm_recipe_distils_a_flux_teacher(teachers, tmp_path):
+    config = cpu_student_config(LCM, teachers[False], tmp_path)
+    metrics = fit_and_validate(config, "--data.init_args.pooled_text=mean_tokens")
+    assert metrics["val/teacher/nfe"] == 4 and metrics["val/student_2/nfe"] == 2
+
+
+def record_conds(net: torch.nn.Module) -> list[torch.Tensor]:
+    """The ``cond`` of every forward of ``net`` from now on."""
+    seen: list[torch.Tensor] = []
+    net.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["cond"].detach().clone()), with_kwargs=True
+    )
+    return seen
+
+
+def student_of(teacher: TinyTeacher, tmp_path: Path) -> StudentModule:
+    """The StudentModule of the progressive Flux config, with the datamodule's null text."""
+    module = load_module(cpu_student_config(PROGRESSIVE, teacher, tmp_path))
+    module._null_text = as_null_text(flux_data(teacher.cache).null_text())
+    return module
+
+
+def test_pooled_vectors_reach_teacher_and_student(teachers, tmp_path):
+    module = student_of(teachers[False], tmp_path)
+    data = flux_data(teachers[False].cache)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    valid = batch["text_mask"][..., None].float()  # mean_tokens: mean of the valid tokens
+    expected = (batch["text"] * valid).sum(1) / valid.sum(1)
+    torch.testing.assert_close(batch["cond"], expected, rtol=1e-5, atol=1e-6)
+    null = module.null_text()
+    teacher_seen, student_seen = record_conds(module.teacher), record_conds(module.student)
+    distill = module.distill_batch(batch, torch.Generator().manual_seed(0))
+    module.method.generator_loss(distill, module.models)
+    assert len(teacher_seen) == 2  # round 0: two teacher steps, each one batched CFG pass
+    for guided in teacher_seen:  # [cond; uncond]
+        torch.testing.assert_close(guided[:4], batch["cond"], rtol=0, atol=0)
+        torch.testing.assert_close(guided[4:], null.cond.expand(4, -1), rtol=0, atol=0)
+    (student,) = student_seen
+    torch.testing.assert_close(student, batch["cond"], rtol=0, atol=0)
+    teacher_seen.clear()
+    student_seen.clear()
+    noise = torch.randn(2, LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(1))
+    text, mask, cond = batch["text"][:2], batch["text_mask"][:2], batch["cond"][:2]
+    module.teacher_latents(text, mask, noise, cond)
+    module.student_latents(text, mask, noise, 2, cond=cond)
+    assert len(teacher_seen) == 2 and len(student_seen) == 2  # 2 Euler steps, 2 DDIM steps
+    assert all(torch.equal(c[:2], cond) for c in teacher_seen + student_seen)
+
+
+@torch.no_grad()
+def test_guidance_embedded_teacher_samples_in_one_pass_per_step(teachers, tmp_path):
+    module = student_of(teachers[True], tmp_path)
+    module._null_text = None  # a guidance-embedded teacher needs no null text
+    sizes: list[int] = []
+    module.teacher.register_forward_pre_hook(
+        lambda m, args, kwargs: sizes.append(kwargs["guidance"].shape[0]), with_kwargs=True
+    )
+    noise = torch.randn(3, LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(2))
+    text, mask = torch.randn(3, 5, TEXT_DIM), torch.ones(3, 5, dtype=torch.bool)
+    cond = torch.randn(3, TEXT_DIM)
+    module.teacher_latents(text, mask, noise, cond)
+    assert sizes == [3, 3] and module.teacher_nfe == 2  # conditional batch only, 2 Euler steps
