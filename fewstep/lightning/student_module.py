@@ -24,10 +24,12 @@ from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
 from fewstep.lightning.teacher_module import default_optimizer, network_denoiser
+from fewstep.models.lora import LoraSettings, add_lora, is_adapter, merged
 from fewstep.utils.fingerprint import weights_hash
 from fewstep.utils.manifest import verify_shipped
 
 TEACHER_PREFIX = "teacher."
+STUDENT_PREFIX = "student."
 
 
 class TeacherMismatchError(RuntimeError):
@@ -74,6 +76,11 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
     for each n in ``eval_steps``, the student's n-step samples with the teacher's reference
     samples (``teacher_sampler`` + ``guidance_scale``) from the same noise; NFE counts network
     forward passes per image (a CFG step costs 2).
+
+    With ``lora`` (a LoraSettings: rank, alpha, dropout, target_modules) the student is the
+    teacher's copy with peft LoRA adapters (Hu et al. 2022): only they are trained, EMA-averaged
+    and saved; the frozen base weights are referenced by sha256 (``student_base``) and restored
+    from the teacher on load. ``export_network()`` merges them for pipeline exports.
     """
 
     def __init__(
@@ -101,9 +108,10 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         diversity_prompts: int = 4,
         diversity_seeds: int = 8,
         metrics: Metrics | None = None,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
-        objects = ["method", "sampler", "teacher_sampler", "student_network", "metrics"]
+        objects = ["method", "sampler", "teacher_sampler", "student_network", "metrics", "lora"]
         callables = ["optimizer", "disc_optimizer", "lr_scheduler", "disc_lr_scheduler"]
         self.save_hyperparameters(ignore=[*objects, *callables])
         self.eval_steps = [int(n) for n in (eval_steps if eval_steps is not None else [1, 2, 4])]
@@ -132,6 +140,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
             if student_network is not None
             else copy.deepcopy(self.teacher).requires_grad_(True)
         ).train()
+        self._add_lora(lora, from_teacher=student_network is None)
         self.method, self.sampler = method, sampler
         for n in self.eval_steps:  # fail now, not at the first validation
             try:
@@ -155,6 +164,21 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         self._captions: list[str] = []
 
     # --- networks ------------------------------------------------------------------------------
+
+    def _add_lora(self, lora: LoraSettings | None, from_teacher: bool) -> None:
+        """With ``lora``, adapters on the student (only they train, are EMA-averaged and saved);
+        its frozen base weights are referenced by their sha256, like the teacher's."""
+        self.lora, self.student_base, self._base_keys = lora, None, frozenset()
+        if lora is None:
+            return
+        sha = self.teacher_identity["sha256"] if from_teacher else weights_hash(self.student)
+        self.lora_modules = add_lora(self.student, lora)
+        self._base_keys = frozenset(k for k in self.student.state_dict() if not is_adapter(k))
+        self.student_base = {"sha256": sha, "from": "teacher" if from_teacher else "network"}
+
+    def export_network(self) -> nn.Module:
+        """The student as a plain network: a LoRA student's adapters merged into a copy."""
+        return merged(self.student) if self.lora is not None else self.student
 
     @property
     def ema_target(self) -> nn.Module:
@@ -371,6 +395,10 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
         checkpoint["teacher"] = dict(self.teacher_identity)
+        if self.student_base is not None:  # LoRA: the adapters only, the base by fingerprint
+            for key in self._base_keys:
+                state.pop(STUDENT_PREFIX + key, None)
+            checkpoint["student_base"] = dict(self.student_base)
         walked = self.method.student_denoiser(self.models.student).process  # e.g. flow view
         checkpoint["student_sampler"] = sampler_record(
             self.sampler, sorted({*self.eval_steps, self.sampler.steps}), walked
@@ -396,4 +424,28 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         state = checkpoint["state_dict"]
         for name, value in self.teacher.state_dict().items():
             state.setdefault(TEACHER_PREFIX + name, value)
+        self._restore_student_base(checkpoint)
         self._trained_steps = int(checkpoint.get("global_step", 0))  # `validate` starts at 0
+
+    def _restore_student_base(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA student's checkpoint holds its adapters only: check the base weights' sha256
+        and put them (this module's, not saved) back into the state dict for strict loading."""
+        saved = checkpoint.get("student_base")
+        if (saved is None) != (self.student_base is None):
+            trained = "with" if saved is not None else "without"
+            raise TeacherMismatchError(
+                f"StudentModule: this checkpoint was trained {trained} LoRA adapters; set "
+                "model.init_args.lora as in the run that wrote it."
+            )
+        if saved is None:
+            return
+        if saved["sha256"] != self.student_base["sha256"]:
+            raise TeacherMismatchError(
+                f"StudentModule: the LoRA student's base weights (sha256 "
+                f"{self.student_base['sha256'][:12]}) are not those its adapters were trained on "
+                f"(sha256 {saved['sha256'][:12]}); use the teacher_config/teacher_ckpt (or "
+                "student_network) of that run."
+            )
+        state, base = checkpoint["state_dict"], self.student.state_dict()
+        for key in self._base_keys:
+            state.setdefault(STUDENT_PREFIX + key, base[key])

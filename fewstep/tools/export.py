@@ -1,6 +1,7 @@
 """`fewstep export`: a trained teacher or distilled student (its fit YAML + a checkpoint) as a
 diffusers ``PixArtSigmaPipeline`` folder (a Flux network: ``FluxPipeline``), with the EMA weights
-when the checkpoint has them."""
+when the checkpoint has them; a LoRA student merged, and its adapters also on their own
+(``--lora_out``: diffusers' and peft's LoRA formats)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import lightning.pytorch as pl
 import yaml
 
 from fewstep.export.flux_pipeline import export_flux_pipeline
+from fewstep.export.lora import export_lora
 from fewstep.export.pixart_pipeline import (
     check_out_dir,
     export_pixart_sigma_pipeline,
@@ -64,14 +66,17 @@ def export(
     text_encoder_path: str | None = None,
     vae_path: str | None = None,
     overwrite: bool = False,
+    lora_out: str | None = None,
 ) -> dict[str, str]:
     """Export a teacher or a distilled student (fit YAML ``config`` + ``ckpt_path``) as a
     PixArtSigmaPipeline folder at ``out``; ``ema`` uses the checkpoint's EMA average,
     ``text_encoder_path`` adds T5 + tokenizer (a pipeline folder or a model folder; default: the
     packaged MiniLM when it encoded the config's cache, see ``training_text_encoder``),
-    ``vae_path`` overrides the config's VAE. A student gets the scheduler of its sampler."""
+    ``vae_path`` overrides the config's VAE. A student gets the scheduler of its sampler; a LoRA
+    student is exported merged, and with ``lora_out`` its adapters are written there too."""
     check_out_dir(out, overwrite)  # fail before the slow part
     module, ckpt, weights = load_trained(config, ckpt_path, ema)
+    lora = _export_adapters(module, lora_out, overwrite, weights) if lora_out else {}
     why = "--text_encoder_path"
     flux = isinstance(module.student if is_student(module) else module.network, Flux)
     if text_encoder_path is None and flux:
@@ -92,10 +97,10 @@ def export(
     }
     if flux:
         folder = _export_flux(module, vae, out, config, text_encoder_path, overwrite, metadata)
-        return {"pipeline": str(folder), "weights": weights, "kind": "flux"}
+        return {"pipeline": str(folder), "weights": weights, "kind": "flux", **lora}
     if is_student(module):
         folder = _export_student(module, vae, out, text_encoder_path, overwrite, metadata)
-        return {"pipeline": str(folder), "weights": weights, "kind": "student"}
+        return {"pipeline": str(folder), "weights": weights, "kind": "student", **lora}
     folder = export_pixart_sigma_pipeline(
         module.network,
         vae,
@@ -123,7 +128,7 @@ def _export_student(
     method = module.method
     steps = sorted({*getattr(module, "eval_steps", []), module.sampler.steps})
     return export_student_pipeline(
-        module.student,
+        module.export_network(),
         vae,
         out,
         method.student_denoiser(module.models.student),
@@ -170,7 +175,7 @@ def _export_flux(
         teacher = dict(getattr(module, "teacher_identity", {}))
         extra = {"kind": "student", "method": type(module.method).__name__, "teacher": teacher}
     return export_flux_pipeline(
-        module.student if student else module.network,
+        module.export_network() if student else module.network,
         vae,
         out,
         module.process,
@@ -183,3 +188,26 @@ def _export_flux(
         overwrite=overwrite,
         metadata={**metadata, **extra},
     )
+
+
+def _export_adapters(
+    module: pl.LightningModule, out: str, overwrite: bool, weights: str
+) -> dict[str, str]:
+    """A LoRA student's adapters (of the ``weights``: EMA or raw) as a LoRA folder at ``out``."""
+    if getattr(module, "lora", None) is None:
+        raise ValueError(
+            "fewstep export --lora_out: this checkpoint is not a LoRA student (its model sets no "
+            "lora); export the pipeline only."
+        )
+    trained = [n for n, p in module.student.named_parameters() if p.requires_grad]
+    extra = [n for n in trained if ".lora_" not in n]
+    if extra:
+        raise ValueError(
+            f"fewstep export --lora_out: the student also trained non-LoRA parameters "
+            f"{extra[:4]} (e.g. a guidance embedding), which a LoRA file cannot hold; export "
+            "the merged pipeline only."
+        )
+    metadata = {"weights": weights, "teacher": dict(module.teacher_identity)}
+    metadata["student_base"] = dict(module.student_base)
+    folder = export_lora(module.student, out, overwrite, metadata)
+    return {"lora": str(folder)}
