@@ -9,6 +9,7 @@ import copy
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,14 +59,13 @@ class LoraSettings:
 def add_lora(net: nn.Module, settings: LoraSettings) -> list[str]:
     """Inject adapters into ``net`` in place (peft; B = 0, so the output is unchanged) and make
     only them trainable; returns the adapted module names."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+    peft = _peft()
     if settings.rank < 1 or settings.scale <= 0 or not 0.0 <= settings.dropout < 1.0:
         raise ValueError(
             f"StudentModule lora: rank must be >= 1, alpha > 0 and dropout in [0, 1); got "
             f"rank={settings.rank}, alpha={settings.alpha}, dropout={settings.dropout}."
         )
-    config = LoraConfig(
+    config = peft.LoraConfig(
         r=settings.rank,
         lora_alpha=settings.rank * settings.scale,
         lora_dropout=settings.dropout,
@@ -73,7 +73,7 @@ def add_lora(net: nn.Module, settings: LoraSettings) -> list[str]:
         bias="none",
     )
     try:
-        inject_adapter_in_model(config, net, adapter_name=ADAPTER)
+        peft.inject_adapter_in_model(config, net, adapter_name=ADAPTER)
     except ValueError as err:
         raise ValueError(
             f"StudentModule lora.target_modules={settings.targets(net)}: {err}".splitlines()[0]
@@ -83,6 +83,17 @@ def add_lora(net: nn.Module, settings: LoraSettings) -> list[str]:
     return sorted(lora_layers(net))
 
 
+def _peft() -> Any:
+    """The peft package, or one clear error saying how to install it."""
+    try:
+        import peft
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "LoRA students need peft: pip install 'fewstep[lora]' (or pip install 'peft>=0.13')."
+        ) from None
+    return peft
+
+
 def is_adapter(name: str) -> bool:
     """Whether a parameter or state-dict key belongs to a LoRA adapter."""
     return ".lora_A." in name or ".lora_B." in name
@@ -90,9 +101,8 @@ def is_adapter(name: str) -> bool:
 
 def lora_layers(net: nn.Module) -> dict[str, nn.Module]:
     """The adapted modules of ``net`` by name (peft LoraLayer), empty for a plain network."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name: m for name, m in net.named_modules() if isinstance(m, LoraLayer)}
+    layer = _peft().tuners.lora.LoraLayer
+    return {name: m for name, m in net.named_modules() if isinstance(m, layer)}
 
 
 @torch.no_grad()
