@@ -101,10 +101,21 @@ def test_progressive_flux_config_distils_and_counts_teacher_passes(
     assert metrics["val/student_1/latent_mse"] > 0
 
 
-def test_lcm_recipe_distils_a_flux_teacher(teachers, tmp_path):
-    config = cpu_student_config(LCM, teachers[False], tmp_path)
+@pytest.mark.parametrize("guidance_embed", [False, True])
+def test_lcm_recipe_distils_a_flux_teacher(teachers, tmp_path, guidance_embed):
+    config = cpu_student_config(LCM, teachers[guidance_embed], tmp_path)
     metrics = fit_and_validate(config, "--data.init_args.pooled_text=mean_tokens")
-    assert metrics["val/teacher/nfe"] == 4 and metrics["val/student_2/nfe"] == 2
+    assert metrics["val/teacher/nfe"] == (2 if guidance_embed else 4)
+    assert metrics["val/student_2/nfe"] == 2
+
+
+def test_later_progressive_rounds_keep_the_guidance_input(teachers, tmp_path):
+    """Round >= 1 teaches with the previous round's student, which (copied from a FLUX.1-dev
+    style teacher) still takes the scale as an input."""
+    config = cpu_student_config(PROGRESSIVE, teachers[True], tmp_path)
+    extra = ("--model.init_args.method.init_args.steps_per_round=1", "--trainer.fast_dev_run=3")
+    metrics = fit_and_validate(config, *extra)  # rounds 0, 1 and 2 each train one step
+    assert metrics["val/student_1/latent_mse"] > 0
 
 
 def record_conds(net: torch.nn.Module) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ of θ (the target network). Sampled in 1-4 steps by `fewstep.diffusion.samplers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -166,7 +167,9 @@ class ConsistencyDistillation(DistillationMethod):
             boundary=self.resolved_boundary(denoiser.process),
             sigma_data=self.sigma_data,
             timestep_scaling=self.timestep_scaling,
-            guidance=self.default_sample_scale() if self.guidance_embedding else None,
+            guidance=self.default_sample_scale()
+            if self.guidance_embedding
+            else getattr(denoiser, "scale", None),  # a guidance-embedded net's own scale
         )
 
     def student_denoiser(self, student: Denoiser) -> Denoiser:
@@ -221,11 +224,7 @@ class ConsistencyDistillation(DistillationMethod):
             guided = ClassifierFreeGuidance(models.teacher, scale, cond, batch.uncond)(x_t, t)
             x_s = self.solver_step(guided, x_t, t, s, process).to(x0.dtype)
             target_net = self._target_on(models.student.net)
-            target = self.consistency_function(
-                Denoiser(
-                    target_net, process, models.student.prediction, models.student.learned_sigma
-                )
-            )
+            target = self.consistency_function(dataclasses.replace(models.student, net=target_net))
             target_x0 = target(x_s, s, **cond, **extra).x0
         loss = consistency_loss(pred, target_x0, self.loss, self.huber_c)
         logs = {"consistency_loss": loss.detach(), "guidance_scale": scale.mean()}

@@ -6,12 +6,12 @@ the next. Round 0's teacher is the frozen teacher with CFG at the StudentModule'
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.parameterization import from_x0_eps
 from fewstep.diffusion.samplers import ddim_deterministic_step
@@ -63,11 +63,8 @@ class ProgressiveDistillation(DistillationMethod):
             return ClassifierFreeGuidance(
                 models.teacher, self.guidance_scale, batch.cond, batch.uncond
             )
-        net = self._teacher[0]
-        student = models.student
-        return Denoiser(net, student.process, student.prediction, student.learned_sigma).bind(
-            **batch.cond
-        )
+        # the student's own denoiser kind (e.g. GuidanceEmbedded: the scale stays an input)
+        return dataclasses.replace(models.student, net=self._teacher[0]).bind(**batch.cond)
 
     def generator_loss(
         self, batch: DistillBatch, models: Models
