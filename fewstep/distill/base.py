@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -111,3 +111,21 @@ def add_guidance_embedding(student: Denoiser, method: str) -> None:
             f"got {type(student.net).__name__}"
         )
     add()
+
+
+def student_grid(models: Models, method: str) -> Tensor:
+    """The student's k input times (float64, descending): the grid its sampler walks."""
+    if models.student_sampler is None:
+        raise ValueError(f"{method} needs the StudentModule's sampler (Models.student_sampler).")
+    return models.student_sampler.timesteps(models.process)[:-1].to(torch.float64)
+
+
+def take_cached_sample(
+    cached: tuple[DistillBatch, Tensor] | None, batch: DistillBatch, fresh: Callable[[], Tensor]
+) -> Tensor:
+    """The generator step's detached student sample when it was made for ``batch``, else
+    ``fresh()`` under no_grad (a second-optimiser step without a generator step before it)."""
+    if cached is not None and cached[0] is batch:
+        return cached[1]
+    with torch.no_grad():
+        return fresh().detach()

@@ -26,7 +26,13 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.losses import diffusion_loss
 from fewstep.diffusion.schedules import NoiseProcess
 from fewstep.diffusion.timesteps import TimestepSampler
-from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+from fewstep.distill.base import (
+    DistillationMethod,
+    DistillBatch,
+    Models,
+    student_grid,
+    take_cached_sample,
+)
 from fewstep.distill.ladd import randn, unit_to_process_time
 from fewstep.models.ladd_discriminator import (
     FeatureDiscriminatorHeads,
@@ -117,7 +123,7 @@ class DMD2(DistillationMethod):
     def setup(self, models: Models) -> None:
         """Read the student's grid and CFG scale; build the fake score as a trainable copy of the
         teacher network (DMD2 §4.2) and the optional GAN heads (idempotent)."""
-        self.student_times = student_grid(models)
+        self.student_times = student_grid(models, "DMD2")
         self.guidance_scale = models.guidance_scale
         self.teacher_timesteps = models.teacher_timesteps  # the fake score trains like the teacher
         teacher = models.teacher.net
@@ -280,20 +286,9 @@ class DMD2(DistillationMethod):
         return loss, logs
 
     def _cached_fake(self, batch: DistillBatch, models: Models) -> Tensor:
-        """The G step's detached student x0 for this batch, or a fresh one under no_grad (the
-        batches where the two time-scale rule skips the student)."""
+        """The G step's detached student x0 for this batch, or a fresh one under no_grad."""
         cached, self._fake = self._fake, None
-        if cached is not None and cached[0] is batch:
-            return cached[1]
-        with torch.no_grad():
-            return self.student_x0(batch, models)[0].detach()
-
-
-def student_grid(models: Models) -> Tensor:
-    """The student's k input times (float64, descending): the grid its sampler walks."""
-    if models.student_sampler is None:
-        raise ValueError("DMD2 needs the StudentModule's sampler (Models.student_sampler).")
-    return models.student_sampler.timesteps(models.process)[:-1].to(torch.float64)
+        return take_cached_sample(cached, batch, lambda: self.student_x0(batch, models)[0])
 
 
 def _check_args(n: int, t_min: float, t_max: float, gan: float, head: float) -> None:

@@ -22,7 +22,13 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.samplers import Sampler
 from fewstep.diffusion.schedules import NoiseProcess
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler
-from fewstep.distill.base import DistillationMethod, DistillBatch, Models
+from fewstep.distill.base import (
+    DistillationMethod,
+    DistillBatch,
+    Models,
+    student_grid,
+    take_cached_sample,
+)
 from fewstep.models.discriminator import hinge_d_loss, hinge_g_loss
 from fewstep.models.ladd_discriminator import (
     FeatureDiscriminatorHeads,
@@ -112,7 +118,7 @@ class LADD(DistillationMethod):
                 "config()) to provide discriminator features."
             )
         self.block_indices = resolve_blocks(self.feature_blocks, len(blocks))
-        self.student_times = student_grid(models)
+        self.student_times = student_grid(models, "LADD")
         self.student_timestep_weights = timestep_weights(
             self.weights_given, len(self.student_times)
         )
@@ -279,17 +285,7 @@ class LADD(DistillationMethod):
     def _cached_fake(self, batch: DistillBatch, models: Models) -> Tensor:
         """The G step's detached student x0 for this batch, or a fresh one under no_grad."""
         cached, self._fake = self._fake, None
-        if cached is not None and cached[0] is batch:
-            return cached[1]
-        with torch.no_grad():
-            return self.student_x0(batch, models)[0].detach()
-
-
-def student_grid(models: Models) -> Tensor:
-    """The student's N input times (float64, descending): the grid its sampler walks."""
-    if models.student_sampler is None:
-        raise ValueError("LADD needs the StudentModule's sampler (Models.student_sampler).")
-    return models.student_sampler.timesteps(models.process)[:-1].to(torch.float64)
+        return take_cached_sample(cached, batch, lambda: self.student_x0(batch, models)[0])
 
 
 def timestep_weights(weights: list[float] | None, steps: int) -> Tensor:

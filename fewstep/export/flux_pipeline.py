@@ -6,9 +6,6 @@ model card; written atomically."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +15,7 @@ import torch
 from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import Euler, Sampler
 from fewstep.diffusion.schedules import NoiseProcess, RectifiedFlow
-from fewstep.export.model_card import model_card
-from fewstep.export.pixart_pipeline import EXPORT_RECORD, _commit, check_out_dir
+from fewstep.export.pixart_pipeline import check_out_dir, save_pipeline
 from fewstep.export.schedulers import process_record
 from fewstep.models.flux import Flux
 from fewstep.models.flux_convert import to_diffusers
@@ -183,20 +179,4 @@ def export_flux_pipeline(
         transformer=to_diffusers(net).to("cpu", torch.float32).eval(),
         **_text_parts(text_encoder_path),
     )
-    return _save(pipe, record, out, overwrite)
-
-
-def _save(pipe: Any, record: dict[str, Any], out: Path, overwrite: bool) -> Path:
-    """Save ``pipe``, fewstep_export.json and README.md into a temporary folder, then move it
-    to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str))
-        (tmp / "README.md").write_text(model_card(record, record.get("eval_table")))
-        _commit(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return save_pipeline(pipe, record, out, overwrite)

@@ -166,6 +166,12 @@ def _write_pipeline(
         transformer=transformer,
         scheduler=scheduler,
     )
+    return save_pipeline(pipe, record, out, overwrite)
+
+
+def save_pipeline(pipe: Any, record: dict[str, Any], out: Path, overwrite: bool) -> Path:
+    """Save ``pipe``, fewstep_export.json (``record``) and its model card into a temporary
+    folder next to ``out``, then move it to ``out`` (nothing half-written is left there)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 WEIGHTS = "diffusion_pytorch_model"
 VARIANTS = ("", ".fp16", ".bf16")
@@ -47,3 +47,12 @@ def load_weights(folder: Path, what: str, dtype: torch.dtype = torch.float32) ->
             part = torch.load(file, map_location="cpu", weights_only=True)
         state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()})
     return state
+
+
+def assign_state(module: nn.Module, state: dict[str, Tensor], folder: Path | str) -> None:
+    """Assign ``state`` to a meta-initialised ``module`` (strict, no copy): one error naming the
+    ``folder`` whose weights do not fit its config."""
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"The weights in '{folder}' do not match its config.json: {err}") from None

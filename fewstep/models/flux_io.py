@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fewstep.models.diffusers_weights import load_weights
+from fewstep.models.diffusers_weights import assign_state, load_weights
 from fewstep.models.flux import Flux
 from fewstep.models.flux_convert import flux_kwargs_from_diffusers_config, state_dict_from_diffusers
 from fewstep.utils.manifest import verify_shipped
@@ -95,12 +95,7 @@ class PretrainedFlux(Flux):
             raise ValueError(f"FLUX.1 weights in '{folder}': {err}") from None
         with torch.device("meta"):  # skip the random init: every weight is loaded below
             super().__init__(**kwargs, gradient_checkpointing=gradient_checkpointing)
-        try:
-            self.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"The weights in '{folder}' do not match its config.json: {err}"
-            ) from None
+        assign_state(self, state, folder)
         self.path = str(path)
         self.vae_path = str(root / "vae")
         self.vae_scaling_factor, self.vae_shift_factor = scale, shift

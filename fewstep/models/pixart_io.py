@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.models.diffusers_weights import load_weights
+from fewstep.models.diffusers_weights import assign_state, load_weights
 from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import (
     dit_kwargs_from_diffusers_config,
@@ -93,12 +93,7 @@ class PretrainedDiT(DiT):
             raise ValueError(f"PixArt weights in '{folder}': {err}") from None
         with torch.device("meta"):  # skip the random init: every weight is loaded below
             super().__init__(**kwargs, gradient_checkpointing=gradient_checkpointing)
-        try:
-            self.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"The weights in '{folder}' do not match its config.json: {err}"
-            ) from None
+        assign_state(self, state, folder)
         self.path = str(path)
 
 
