@@ -1,6 +1,6 @@
 """Graceful interruption: the first SIGINT/SIGTERM ends a fit after the current batch (so the
-final ``last.ckpt`` holds a whole step), a second one stops at once; the signal is remembered
-so the console script can exit with 128 + its number."""
+final ``last.ckpt`` holds a whole step; no end-of-fit validation first), a second one stops at
+once; the signal is remembered so the console script can exit with 128 + its number."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_now(trainer: pl.Trainer) -> None:
+    """End the fit after this batch. Lightning runs a validation before it honours
+    ``should_stop`` (meant for early stopping); a sampling validation can take minutes, so a stop
+    request switches this trainer's validation off (``limit_val_batches = 0``, read live)."""
+    trainer.should_stop = True
+    trainer.limit_val_batches = 0
 
 
 class GracefulStop(Callback):
@@ -28,7 +36,7 @@ class GracefulStop(Callback):
         signal acts at once)."""
         self.received = signum
         if self._trainer is not None:
-            self._trainer.should_stop = True
+            stop_now(self._trainer)
         self._restore()
 
     def _restore(self) -> None:
@@ -49,7 +57,7 @@ class GracefulStop(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         """Re-assert the stop request (a loop may reset ``should_stop`` between batches)."""
         if self.received is not None:
-            trainer.should_stop = True
+            stop_now(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the signals back."""

@@ -1,0 +1,65 @@
+"""The first SIGINT/SIGTERM ends a fit after the current batch: no end-of-fit validation first
+(Lightning validates when ``should_stop`` is set; with a 512-prompt sampling validation that
+took minutes, and a second signal then lost the run), and ``last.ckpt`` holds that step."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from student_fixtures import build_tiny_teacher, quiet_trainer
+
+from fewstep.data.datamodule import CachedLatentDataModule
+from fewstep.lightning.checkpoints import load_module
+from fewstep.lightning.final_checkpoint import FinalLastCheckpoint
+from fewstep.lightning.interrupt import GracefulStop
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process at the end of training batch ``step``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class CountValidations(Callback):
+    """Counts validation runs during fit."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runs += 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_fit_after_the_batch_without_validating_first(tmp_path, signum):
+    teacher = build_tiny_teacher(tmp_path / "teacher")
+    module = load_module(teacher.config)
+    data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
+    stop, validations = GracefulStop(), CountValidations()
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", save_last=True, every_n_train_steps=100)
+    trainer = quiet_trainer(
+        50,
+        tmp_path,
+        limit_val_batches=1,
+        val_check_interval=20,  # a scheduled validation after the signal would be at step 20
+        check_val_every_n_epoch=None,
+        enable_checkpointing=True,
+        callbacks=[SignalAt(3, signum), validations, stop, checkpoints, FinalLastCheckpoint()],
+    )
+    previous = signal.getsignal(signum)
+    trainer.fit(module, datamodule=data)
+    assert stop.received == signum and trainer.global_step == 3
+    assert validations.runs == 0  # stopped at once, no end-of-fit validation
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3
+    assert signal.getsignal(signum) == previous  # handlers given back
