@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser
 from torch import nn
 
 from fewstep.lightning.ema import EMA
+from fewstep.utils.manifest import verify_shipped
 
 REQUIRED = ("network", "process", "prediction")  # what an exportable module must carry
 STUDENT = ("student", "method", "sampler")  # a StudentModule carries these instead of network
@@ -128,3 +129,20 @@ def load_trained(
     if state is not None:
         apply_ema(module, state)
     return module, ckpt, "raw" if state is None else "ema"
+
+
+class TeacherMismatchError(RuntimeError):
+    """The teacher weights differ from those the student checkpoint was distilled from."""
+
+
+def load_teacher(config: str, ckpt: str | None, use_ema: bool = True) -> pl.LightningModule:
+    """The teacher LightningModule of a fit YAML (its ``model:`` section) with the checkpoint's
+    weights, the EMA average in place when ``use_ema``; frozen (requires_grad False, eval).
+    Without ``ckpt`` the config's network carries its own weights (e.g. a shipped teacher's
+    ``PretrainedDiT``)."""
+    if ckpt is None:
+        verify_shipped(Path(config).parent)  # a shipped teacher: one clear error if changed
+        return load_module(config).requires_grad_(False).eval()
+    hint = "set model.init_args.use_teacher_ema=false to distill the raw trained weights."
+    module, _, _ = load_trained(config, ckpt, use_ema, "StudentModule teacher_ckpt", hint)
+    return module.requires_grad_(False).eval()

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -18,7 +16,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.guidance import guidance_passes
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
-from fewstep.lightning.checkpoints import load_module, load_trained
+from fewstep.lightning.checkpoints import TeacherMismatchError, load_teacher
 from fewstep.lightning.eval_metrics import Metrics
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
@@ -26,27 +24,9 @@ from fewstep.lightning.student_eval import StudentEvaluation
 from fewstep.lightning.teacher_module import default_optimizer, network_denoiser
 from fewstep.models.lora import LoraSettings, add_lora, is_adapter, merged
 from fewstep.utils.fingerprint import weights_hash
-from fewstep.utils.manifest import verify_shipped
 
 TEACHER_PREFIX = "teacher."
 STUDENT_PREFIX = "student."
-
-
-class TeacherMismatchError(RuntimeError):
-    """The teacher weights differ from those the student checkpoint was distilled from."""
-
-
-def load_teacher(config: str, ckpt: str | None, use_ema: bool = True) -> pl.LightningModule:
-    """The teacher LightningModule of a fit YAML (its ``model:`` section) with the checkpoint's
-    weights, the EMA average in place when ``use_ema``; frozen (requires_grad False, eval).
-    Without ``ckpt`` the config's network carries its own weights (e.g. a shipped teacher's
-    ``PretrainedDiT``)."""
-    if ckpt is None:
-        verify_shipped(Path(config).parent)  # a shipped teacher: one clear error if changed
-        return load_module(config).requires_grad_(False).eval()
-    hint = "set model.init_args.use_teacher_ema=false to distill the raw trained weights."
-    module, _, _ = load_trained(config, ckpt, use_ema, "StudentModule teacher_ckpt", hint)
-    return module.requires_grad_(False).eval()
 
 
 def sampler_record(sampler: Sampler, steps: Iterable[int], process: Any) -> dict[str, Any]:
