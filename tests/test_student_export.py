@@ -386,3 +386,21 @@ def test_a_guided_transformer_round_trips_and_asks_for_its_scale(flow_teacher):
             timestep=t,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
+
+
+@pytest.mark.parametrize("kind", ["flow", "ddpm"])
+def test_scm_students_export_their_consistency_sampling(kind, ddpm_teacher, flow_teacher, tmp_path):
+    """sCM (TrigFlow) students sample as the network on the teacher's own process."""
+    from fewstep.distill.scm import SCM
+
+    teacher = flow_teacher if kind == "flow" else ddpm_teacher
+    module = student(teacher, SCM(), Consistency(steps=4))
+    if kind == "flow":  # a rectified-flow consistency student exports its 1-step sampling
+        with pytest.warns(UserWarning, match=r"1-step samples only"):
+            record = export(module, tmp_path / kind)
+    else:
+        record = export(module, tmp_path / kind)
+    steps = [1] if kind == "flow" else STEPS
+    assert record["student"]["exact_steps"] == steps
+    for n in steps:
+        assert_close(pipeline_latents(tmp_path / kind, n), ours(module, n))

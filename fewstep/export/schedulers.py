@@ -19,6 +19,7 @@ from fewstep.diffusion.flow_frame import FlowTime
 from fewstep.diffusion.parameterization import PredictionType
 from fewstep.diffusion.samplers import DDIM, DDPM, Consistency, DPMSolver2M, Euler, Heun, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
+from fewstep.diffusion.trigflow import TrigFlowDenoiser
 from fewstep.models.pixart_io import BINNED_SAMPLE_SIZES
 
 
@@ -419,6 +420,8 @@ def student_schedule(
     method's ``student_denoiser`` returns) at each step count in ``steps``: Consistency on
     DiscreteDDPM -> LCMScheduler with our timesteps; Consistency (f = x - t v) on RectifiedFlow ->
     flow Euler at 1 step; other samplers (Euler on a flow, DDIM...) -> the teacher mapping."""
+    if isinstance(denoiser, TrigFlowDenoiser):  # sCM: the same consistency sampling in the
+        denoiser = denoiser.base  # teacher's own time (tests/test_trigflow.py)
     check_student_exportable(denoiser)
     process = denoiser.process
     steps = sorted({int(n) for n in steps})
