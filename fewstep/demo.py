@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fewstep.utils.atomic import write_text_atomic
 
@@ -34,6 +35,15 @@ class Profile:
     def config(self, name: str) -> Path:
         """``configs/<name><suffix>.yaml``, e.g. ``configs/vae/shapes_gpu.yaml`` for gpu."""
         return CONFIGS / f"{name}{self.suffix}.yaml"
+
+    def configs(self, name: str) -> list[Path]:
+        """The ``-c`` chain of stage ``name``: ``config(name)``, preceded by the base
+        ``configs/<name>.yaml`` when that file is an overlay (it names no model class)."""
+        path = self.config(name)
+        raw = yaml.safe_load(path.read_text()) or {}
+        model = raw.get("model")
+        overlay = isinstance(model, dict) and "class_path" not in model
+        return [CONFIGS / f"{name}.yaml", path] if overlay and self.suffix else [path]
 
     @property
     def results(self) -> Path:
@@ -68,7 +78,13 @@ def _last_checkpoint(log_dir: Path) -> list[str]:
     return ["--ckpt_path", str(last)] if last.is_file() else []
 
 
-def _fit_once(config: Path, log_dir: Path) -> dict[str, float]:
+def _config_args(configs: Path | list[Path]) -> list[str]:
+    """``-c`` arguments for one config or a base + overlay chain."""
+    chain = configs if isinstance(configs, list) else [configs]
+    return [arg for path in chain for arg in ("-c", str(path))]
+
+
+def _fit_once(config: Path | list[Path], log_dir: Path) -> dict[str, float]:
     """``fewstep fit`` unless ``log_dir/FINISHED`` says it finished; resumes from last.ckpt.
     Validation is left to ``_validate_metrics`` (run once, after the fit). Returns
     ``{"reused_fit_seconds": s}`` when an earlier fit was reused (its time, if recorded)."""
@@ -80,15 +96,15 @@ def _fit_once(config: Path, log_dir: Path) -> dict[str, float]:
             return {"reused_fit_seconds": 0.0}  # finished by an older fewstep: time unknown
     start = time.time()
     no_val = ["--trainer.limit_val_batches", "0"]
-    _cli(["fit", "-c", str(config), *no_val, *_last_checkpoint(log_dir)])
+    _cli(["fit", *_config_args(config), *no_val, *_last_checkpoint(log_dir)])
     done.write_text(json.dumps({"fit_seconds": round(time.time() - start, 1)}) + "\n")
     return {}
 
 
-def _validate_metrics(config: Path, log_dir: Path) -> dict[str, float]:
+def _validate_metrics(config: Path | list[Path], log_dir: Path) -> dict[str, float]:
     """``fewstep validate`` of ``log_dir``'s last checkpoint; the logged metrics."""
     last = log_dir / "checkpoints" / "last.ckpt"
-    cli = _cli(["validate", "-c", str(config), "--ckpt_path", str(last)])
+    cli = _cli(["validate", *_config_args(config), "--ckpt_path", str(last)])
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
@@ -151,6 +167,10 @@ STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: lad
     "lcm": ("student/lcm_shapes", "student_lcm"),
     "reflow": ("student/reflow_shapes", "student_reflow"),
     "ladd": ("student/ladd_shapes", "student_ladd"),
+    "dmd2": ("student/dmd2_shapes", "student_dmd2"),
+    "scm": ("student/scm_shapes", "student_scm"),
+    "progressive": ("student/progressive_shapes", "student_progressive"),
+    "guidance": ("student/guidance_shapes", "student_guidance"),
 }
 COUPLINGS = "student/reflow_couplings_shapes"  # the reflow student's teacher couplings
 
@@ -169,7 +189,7 @@ def stage_student() -> dict[str, Any]:
     name = student_method()
     profile = active_profile()
     config_name, log_name = STUDENTS[name]
-    config, log_dir = profile.config(config_name), profile.run_dir / log_name
+    config, log_dir = profile.configs(config_name), profile.run_dir / log_name
     if name == "reflow":
         _cli(["couplings", "-c", str(profile.config(COUPLINGS))])
     reused = _fit_once(config, log_dir)

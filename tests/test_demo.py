@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from student_fixtures import deep_merge
 
 from fewstep import demo
 
@@ -85,10 +86,18 @@ def _init_args(config: dict, section: str) -> dict:
     return config[section].get("init_args", config[section])
 
 
+def _merged(paths: list[Path]) -> dict:
+    """A config chain as one dict (mappings merge key by key, as ``-c a -c b`` does)."""
+    merged: dict = {}
+    for path in paths:
+        merged = deep_merge(merged, yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
 def _profile_configs(profile: demo.Profile) -> dict[str, dict]:
     names = ["vae/shapes", "cache/shapes", "teacher/shapes", demo.COUPLINGS]
     names += [name for name, _ in demo.STUDENTS.values()]
-    return {name: yaml.safe_load(profile.config(name).read_text()) for name in names}
+    return {name: _merged(profile.configs(name)) for name in names}
 
 
 @pytest.mark.parametrize("name", sorted(demo.PROFILES))
@@ -203,3 +212,12 @@ def test_stages_after_one_that_runs_run_too(run_dir, monkeypatch):
         monkeypatch.setitem(demo.STAGES, name, lambda name=name: calls.append(name) or {})
     demo.main()
     assert calls == ["teacher", "student", "report"]
+
+
+def test_gpu_overlays_run_on_their_cpu_base_and_full_configs_alone():
+    gpu, cpu = demo.PROFILES["gpu"], demo.PROFILES["cpu"]
+    base, overlay = gpu.configs("student/dmd2_shapes")
+    assert (base.name, overlay.name) == ("dmd2_shapes.yaml", "dmd2_shapes_gpu.yaml")
+    assert gpu.configs("student/ladd_shapes") == [demo.CONFIGS / "student/ladd_shapes_gpu.yaml"]
+    assert cpu.configs("student/dmd2_shapes") == [demo.CONFIGS / "student/dmd2_shapes.yaml"]
+    assert demo._config_args([base, overlay]) == ["-c", str(base), "-c", str(overlay)]
