@@ -109,11 +109,11 @@ def test_passing_report_tables_numbers_and_images(tmp_path, student_log, teacher
     assert row(teacher_table, "**overall**") == ["**overall**", "0.810"]
     assert row(md, "teacher (reference)") == [
         "teacher (reference)", "0.950", "0.850", "0.750", "0.900", "0.600", "0.750",
-        "0.800", "100.0 %", "40", "1.0×", "120.00", "1.0×", "–", "–", "–", "–", "–",
+        "0.800", "100.0 %", "40", "1.0×", "120.00", "1.0×", "–", "–", "–", "–", "–", "–", "–",
     ]  # fmt: skip
     assert row(md, "student 4 steps") == [
         "student 4 steps", *["0.760"] * 6,
-        "0.760", "95.0 %", "4", "10.0×", "12.00", "10.0×", "0.0025", "24.00", "–", "–", "–",
+        "0.760", "95.0 %", "4", "10.0×", "12.00", "10.0×", "0.0025", "24.00", "–", "–", "–", "–", "–",
     ]  # fmt: skip
     assert row(md, "student 1 step")[7:10] == ["0.500", "62.5 %", "1"]
     assert "**Issue bar (" in md and "): holds** — 4-step overall 0.760 = 95.0 %" in md
@@ -230,6 +230,8 @@ def test_report_flags_students_above_110_percent_and_shows_spread():
             "percent_of_teacher": 120.0,
             "fd_teacher": 3.5,
             "fd_data": 2.25,
+            "kid_teacher": 0.0125,
+            "kid_data": 0.003,
             "diversity": 1.5,
         },
     }
@@ -237,4 +239,4 @@ def test_report_flags_students_above_110_percent_and_shows_spread():
     assert "student 4 steps: not faithful to the teacher** — 120 %" in lines
     assert "student 1 step" not in lines
     cells = _compare_cells("student 4 steps", rows["student_4"])
-    assert "0.600 ± 0.021" in cells and cells[-3:] == ["3.50", "2.25", "1.50"]
+    assert "0.600 ± 0.021" in cells and cells[-5:] == ["3.50", "2.25", "0.0125", "0.0030", "1.50"]

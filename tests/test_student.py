@@ -4,6 +4,8 @@ two-optimiser (manual optimisation) method, and validation against the teacher."
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,9 +300,13 @@ def test_validation_measures_distances_and_diversity_with_the_feature_network(te
     assert metrics["val/student_2/diversity"] == pytest.approx(metrics["val/teacher/diversity"])
     assert metrics["val/teacher/diversity"] > 0.0
     assert metrics["val/teacher/fd_data"] == pytest.approx(metrics["val/student_2/fd_data"])
+    # KID (shapes features) for every key and reference (4 samples: too few to order them)
+    for key in ("teacher", "student_1", "student_2"):
+        refs = ("data",) if key == "teacher" else ("data", "teacher")
+        assert all(math.isfinite(metrics[f"val/{key}/kid_{ref}"]) for ref in refs)
     assert not any(name.startswith("_features") for name, _ in module.named_modules())
     table = (tmp_path / "student" / "eval_table.md").read_text()
-    assert "FD to teacher" in table and "diversity" in table and " ± " in table
+    assert "FD to teacher" in table and "KID to data" in table and " ± " in table
 
 
 def test_students_above_110_percent_of_the_teacher_are_flagged():

@@ -18,6 +18,7 @@ from fewstep.data.prompts import CATEGORIES
 from fewstep.diffusion.samplers import Sampler
 from fewstep.eval.geneval import ShapesGenEval, specs_of, tensor_to_hwc
 from fewstep.eval.grid import captioned_grid
+from fewstep.eval.metrics.distribution import KID
 from fewstep.eval.metrics.fidelity import mean_pairwise_distance, shapes_fid
 from fewstep.lightning.eval_metrics import Metrics, ValidationMetrics
 from fewstep.lightning.image_log import log_dir, log_image
@@ -61,7 +62,7 @@ def metrics_markdown(table: dict[str, dict[str, float]]) -> list[str]:
 
 
 BUILT_IN = {"nfe", "ms_per_image", "speedup", "latent_mse", "psnr", "score_ratio"}
-BUILT_IN |= {"fd_data", "fd_teacher", "diversity"}
+BUILT_IN |= {"fd_data", "fd_teacher", "kid_data", "kid_teacher", "diversity"}
 
 
 def _metric_names(table: dict[str, dict[str, float]]) -> set[str]:
@@ -107,7 +108,7 @@ class StudentEvaluation:
         self._val_scored, self._grid, self._captions, self._diversity = 0, {}, [], {}
         for metric in [*self.val_geneval.values(), *self.val_means.values()]:
             metric.reset()
-        for metric in self._fids().values():
+        for metric in [*self._fids().values(), *self._kids().values()]:
             metric.reset()
         if getattr(self, "val_metrics", None) is not None:
             self.val_metrics.to(self.device).reset()
@@ -136,12 +137,25 @@ class StudentEvaluation:
             self.__dict__["_fid_metrics"] = {p: shapes_fid(net).to(self.device) for p in pairs}
         return self.__dict__["_fid_metrics"]
 
+    def _kids(self) -> dict[str, Any]:
+        """Kernel inception distances (torchmetrics KID, shapes features; Bińkowski et al. 2018)
+        by the same "<key>|<reference>" pairs as ``_fids``."""
+        net = self._feature_net()
+        if net is None:
+            return {}
+        if getattr(self, "_kid_metrics", None) is None:
+            kids = {p: KID(net, subsets=50).to(self.device) for p in self._fids()}
+            self.__dict__["_kid_metrics"] = kids
+        return self.__dict__["_kid_metrics"]
+
     def _update_fid(self, pair: str, images: Tensor | None, reference: Tensor | None) -> None:
-        """Feed one batch of generated images and their reference images to a distance."""
-        metric = self._fids().get(pair)
-        if metric is not None and images is not None and reference is not None:
-            metric.update(reference, real=True)
-            metric.update(images, real=False)
+        """Feed one batch of generated images and their reference images to the distances."""
+        if images is None or reference is None:
+            return
+        for metric in (self._fids().get(pair), self._kids().get(pair)):
+            if metric is not None:
+                metric.update(reference, real=True)
+                metric.update(images, real=False)
 
     def _timed(self, fn: Callable[[], Tensor], count: int) -> tuple[Tensor, float]:
         """fn()'s result and its wall time in ms per image (device-synchronised)."""
@@ -302,12 +316,14 @@ class StudentEvaluation:
         return table
 
     def _distances(self, key: str) -> dict[str, float]:
-        """fd_data, fd_teacher (Fréchet distances in shapes features) and diversity of a key."""
+        """fd_/kid_data, fd_/kid_teacher (Fréchet and kernel distances in shapes features) and
+        diversity of a key."""
         out = {}
         for ref in ("data", "teacher"):
             metric = self._fids().get(f"{key}|{ref}")
             if metric is not None and int(metric.fake_features_num_samples) > 1:
                 out[f"fd_{ref}"] = float(metric.compute())
+                out[f"kid_{ref}"] = float(self._kids()[f"{key}|{ref}"].compute()[0])
         if key in self._diversity:
             out["diversity"] = self._diversity[key]
         return out
@@ -339,6 +355,8 @@ class StudentEvaluation:
             "PSNR (dB)",
             "FD to teacher",
             "FD to data",
+            "KID to teacher",
+            "KID to data",
             "diversity",
         ]
 
@@ -352,8 +370,8 @@ class StudentEvaluation:
             f"{self.teacher_identity['sha256'][:12]}), CFG scale {self.guidance_scale:g}; "
             f"{self._val_scored} validation prompts, device {self.device.type}. FD: Fréchet "
             "distance in shapes features to the teacher's samples from the same noise and to the "
-            "data (VAE reconstructions); diversity: mean pairwise feature distance over seeds of "
-            "one prompt.",
+            "data (VAE reconstructions); KID: kernel distance (mean over subsets) in the same "
+            "features; diversity: mean pairwise feature distance over seeds of one prompt.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
@@ -377,6 +395,8 @@ class StudentEvaluation:
                 fmt(row, "psnr", ".2f"),
                 fmt(row, "fd_teacher", ".2f"),
                 fmt(row, "fd_data", ".2f"),
+                fmt(row, "kid_teacher", ".4f"),
+                fmt(row, "kid_data", ".4f"),
                 fmt(row, "diversity", ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")

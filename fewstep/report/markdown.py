@@ -92,6 +92,8 @@ COMPARE_HEADER = [
     "PSNR (dB)",
     "FD to teacher",
     "FD to data",
+    "KID to teacher",
+    "KID to data",
     "diversity",
 ]
 
@@ -121,6 +123,8 @@ def _compare_cells(name: str, row: dict[str, Any] | None) -> list[str]:
         _fmt(row.get("psnr"), ".2f"),
         _fmt(row.get("fd_teacher"), ".2f"),
         _fmt(row.get("fd_data"), ".2f"),
+        _fmt(row.get("kid_teacher"), ".4f"),
+        _fmt(row.get("kid_data"), ".4f"),
         _fmt(row.get("diversity"), ".2f"),
     ]
 

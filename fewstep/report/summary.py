@@ -26,6 +26,8 @@ ROW_METRICS = (
     "psnr",
     "fd_teacher",
     "fd_data",
+    "kid_teacher",
+    "kid_data",
     "diversity",
 )
 FAITHFUL_MAX = 1.10  # a student above 1.10x its teacher's score is flagged as not faithful
