@@ -113,7 +113,8 @@ def test_passing_report_tables_numbers_and_images(tmp_path, student_log, teacher
     ]  # fmt: skip
     assert row(md, "student 4 steps") == [
         "student 4 steps", *["0.760"] * 6,
-        "0.760", "95.0 %", "4", "10.0×", "12.00", "10.0×", "0.0025", "24.00", "–", "–", "–", "–", "–",
+        "0.760", "95.0 %", "4", "10.0×", "12.00", "10.0×", "0.0025", "24.00",
+        "–", "–", "–", "–", "–",
     ]  # fmt: skip
     assert row(md, "student 1 step")[7:10] == ["0.500", "62.5 %", "1"]
     assert "**Issue bar (" in md and "): holds** — 4-step overall 0.760 = 95.0 %" in md

@@ -5,7 +5,6 @@ two-optimiser (manual optimisation) method, and validation against the teacher."
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from pathlib import Path
 
