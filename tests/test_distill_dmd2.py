@@ -183,7 +183,7 @@ class ConstantTime(TimestepSampler):
     def __init__(self, t: float) -> None:
         self.t = t
 
-    def __call__(self, batch, *, device=None, generator=None):
+    def draw(self, batch, device, generator):
         return torch.full((batch,), self.t, device=device)
 
 

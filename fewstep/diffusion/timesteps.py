@@ -12,9 +12,8 @@ from fewstep.diffusion.schedules import shift_time
 
 
 class TimestepSampler(ABC):
-    """Draws one process time per sample: t [B] float32."""
+    """Draws one process time per sample: t [B] float32 (subclasses implement ``draw``)."""
 
-    @abstractmethod
     def __call__(
         self,
         batch: int,
@@ -23,6 +22,13 @@ class TimestepSampler(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample t [batch]."""
+        return self.draw(batch, device, generator)
+
+    @abstractmethod
+    def draw(
+        self, batch: int, device: torch.device | str | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """Sample t [batch] on ``device`` from ``generator``."""
 
 
 class UniformDiscrete(TimestepSampler):
@@ -31,12 +37,8 @@ class UniformDiscrete(TimestepSampler):
     def __init__(self, num_train_timesteps: int = 1000) -> None:
         self.num_train_timesteps = num_train_timesteps
 
-    def __call__(
-        self,
-        batch: int,
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
+    def draw(
+        self, batch: int, device: torch.device | str | None, generator: torch.Generator | None
     ) -> Tensor:
         """Integer-valued float32 times in [0, T-1]."""
         t = torch.randint(0, self.num_train_timesteps, (batch,), device=device, generator=generator)
@@ -49,12 +51,8 @@ class Uniform(TimestepSampler):
     def __init__(self, shift: float = 1.0) -> None:
         self.shift = shift
 
-    def __call__(
-        self,
-        batch: int,
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
+    def draw(
+        self, batch: int, device: torch.device | str | None, generator: torch.Generator | None
     ) -> Tensor:
         """Times in [0, 1)."""
         return shift_time(torch.rand(batch, device=device, generator=generator), self.shift)
@@ -68,12 +66,8 @@ class LogitNormal(TimestepSampler):
         self.std = std
         self.shift = shift
 
-    def __call__(
-        self,
-        batch: int,
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
+    def draw(
+        self, batch: int, device: torch.device | str | None, generator: torch.Generator | None
     ) -> Tensor:
         """Times in (0, 1), median sigmoid(m) before the shift."""
         n = torch.randn(batch, device=device, generator=generator)

@@ -23,7 +23,7 @@ from fewstep.eval.metrics.fidelity import mean_pairwise_distance, shapes_fid
 from fewstep.lightning.eval_metrics import Metrics, ValidationMetrics
 from fewstep.lightning.image_log import log_dir, log_image
 from fewstep.models.shapes_features import ShapesFeatureNet
-from fewstep.utils.artifacts import GRID_FOLDER, student_grid_name
+from fewstep.utils.artifacts import FIDELITY_COLUMNS, GRID_FOLDER, student_grid_name
 from fewstep.utils.seeding import fixed_noise, mix_seed
 
 FAITHFUL_MAX = 1.10  # a student scoring above 1.10x its teacher is flagged as not faithful
@@ -351,13 +351,7 @@ class StudentEvaluation:
             "GenEval ± SE",
             "% of teacher",
             *cats,
-            "latent MSE",
-            "PSNR (dB)",
-            "FD to teacher",
-            "FD to data",
-            "KID to teacher",
-            "KID to data",
-            "diversity",
+            *(title for _, title, _ in FIDELITY_COLUMNS),
         ]
 
         def fmt(row: dict[str, float], key: str, spec: str = ".3f") -> str:
@@ -391,13 +385,7 @@ class StudentEvaluation:
                 score,
                 "100 %" if key == "teacher" and "geneval/overall" in row else ratio,
                 *(fmt(row, f"geneval/{c}") for c in cats),
-                fmt(row, "latent_mse", ".4f"),
-                fmt(row, "psnr", ".2f"),
-                fmt(row, "fd_teacher", ".2f"),
-                fmt(row, "fd_data", ".2f"),
-                fmt(row, "kid_teacher", ".4f"),
-                fmt(row, "kid_data", ".4f"),
-                fmt(row, "diversity", ".2f"),
+                *(fmt(row, key, spec) for key, _, spec in FIDELITY_COLUMNS),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines + metrics_markdown(table) + unfaithful_notes(table)) + "\n"

@@ -24,6 +24,7 @@ from fewstep.report.summary import (
     teacher_summary,
     vae_summary,
 )
+from fewstep.utils.artifacts import FIDELITY_COLUMNS
 from fewstep.utils.atomic import write_text_atomic
 
 # --- markdown ------------------------------------------------------------------------------------
@@ -88,13 +89,7 @@ COMPARE_HEADER = [
     "NFE reduction",
     "ms/image",
     "speed-up",
-    "latent MSE",
-    "PSNR (dB)",
-    "FD to teacher",
-    "FD to data",
-    "KID to teacher",
-    "KID to data",
-    "diversity",
+    *(title for _, title, _ in FIDELITY_COLUMNS),
 ]
 
 
@@ -119,13 +114,7 @@ def _compare_cells(name: str, row: dict[str, Any] | None) -> list[str]:
         _fmt(row.get("nfe_reduction"), ".1f", "×"),
         _fmt(row.get("ms_per_image"), ".2f"),
         _fmt(row.get("speedup"), ".1f", "×"),
-        _fmt(row.get("latent_mse"), ".4f"),
-        _fmt(row.get("psnr"), ".2f"),
-        _fmt(row.get("fd_teacher"), ".2f"),
-        _fmt(row.get("fd_data"), ".2f"),
-        _fmt(row.get("kid_teacher"), ".4f"),
-        _fmt(row.get("kid_data"), ".4f"),
-        _fmt(row.get("diversity"), ".2f"),
+        *(_fmt(row.get(key), spec) for key, _, spec in FIDELITY_COLUMNS),
     ]
 
 

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from fewstep.data.prompts import CATEGORIES
+from fewstep.utils.artifacts import FIDELITY_COLUMNS
 
 STAGE_ORDER = ("shapes", "vae", "cache", "teacher", "student")
 SKIPPED_STAGES = ("report",)  # the report itself: its figures are this file (or stale)
@@ -18,18 +19,7 @@ VAE_BAR = 0.95
 NOT_RUN = "not run"
 DASH = "–"
 PLOT_NAME = "report_score_vs_nfe.png"
-ROW_METRICS = (
-    "nfe",
-    "ms_per_image",
-    "speedup",
-    "latent_mse",
-    "psnr",
-    "fd_teacher",
-    "fd_data",
-    "kid_teacher",
-    "kid_data",
-    "diversity",
-)
+ROW_METRICS = ("nfe", "ms_per_image", "speedup", *(key for key, _, _ in FIDELITY_COLUMNS))
 FAITHFUL_MAX = 1.10  # a student above 1.10x its teacher's score is flagged as not faithful
 EPS = 1e-9
 

@@ -10,6 +10,17 @@ CFG_FOLDER = "cfg_eval"  # <log_dir>/cfg_eval/step<step>_scale<s>_steps<n>.png (
 GRID_FOLDER = "teacher_vs_student"  # <log_dir>/teacher_vs_student/step<step>_<n>steps.png
 CFG_PNG = re.compile(r"^step(\d+)_scale([^_]+)_steps(\d+)\.png$")
 GRID_PNG = re.compile(r"^step(\d+)_(\d+)steps\.png$")
+# Fidelity columns of the student-vs-teacher tables (eval_table.md and the demo report):
+# (metric key, column title, format)
+FIDELITY_COLUMNS = (
+    ("latent_mse", "latent MSE", ".4f"),
+    ("psnr", "PSNR (dB)", ".2f"),
+    ("fd_teacher", "FD to teacher", ".2f"),
+    ("fd_data", "FD to data", ".2f"),
+    ("kid_teacher", "KID to teacher", ".4f"),
+    ("kid_data", "KID to data", ".4f"),
+    ("diversity", "diversity", ".2f"),
+)
 
 
 def cfg_grid_name(step: int, scale: float, steps: int) -> str:
