@@ -63,3 +63,33 @@ def test_a_signal_ends_the_fit_after_the_batch_without_validating_first(tmp_path
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 3
     assert signal.getsignal(signum) == previous  # handlers given back
+
+
+def _fit(teacher, root, max_steps: int, *callbacks, ckpt_path=None) -> pl.LightningModule:
+    """``max_steps`` of the tiny teacher with last.ckpt in ``root/ckpt``; the trained module."""
+    pl.seed_everything(0, verbose=False)
+    module = load_module(teacher.config)
+    data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
+    checkpoints = ModelCheckpoint(root / "ckpt", save_last=True, every_n_train_steps=100)
+    trainer = quiet_trainer(
+        max_steps,
+        root,
+        enable_checkpointing=True,
+        callbacks=[*callbacks, GracefulStop(), checkpoints, FinalLastCheckpoint()],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module
+
+
+def test_a_run_resumed_from_the_signal_checkpoint_equals_an_uninterrupted_one(tmp_path):
+    """The last.ckpt a stop writes (mid-epoch, at the end of fit) resumes exactly."""
+    teacher = build_tiny_teacher(tmp_path / "teacher")
+    reference = _fit(teacher, tmp_path / "straight", 7)
+    _fit(teacher, tmp_path / "stopped", 7, SignalAt(3, signal.SIGTERM))
+    last = tmp_path / "stopped" / "ckpt" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    resumed = _fit(teacher, tmp_path / "stopped", 7, ckpt_path=str(last))
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert list(expected) == list(got)
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name

@@ -35,15 +35,50 @@ def save_final_last_checkpoints(trainer: pl.Trainer) -> list[str]:
             path.unlink()
         trainer.save_checkpoint(path)
         callback.last_model_path = str(path)
+        callback._last_checkpoint_saved = str(path)  # (Lightning >= 2.6 re-saves at train end)
+        if not _step_save_due(callback, trainer):  # else it saves this step itself, after us
+            callback._last_global_step_saved = trainer.global_step  # no epoch-end re-save
         written.append(str(path))
     return written
+
+
+def _step_save_due(callback: ModelCheckpoint, trainer: pl.Trainer) -> bool:
+    """Whether ``callback`` saves a step checkpoint at this step in its own batch-end hook."""
+    every = callback._every_n_train_steps
+    return every >= 1 and trainer.global_step % every == 0
+
+
+def ends_training(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just finished is the fit's last: max_steps reached, or a stop
+    requested (GracefulStop, NonFiniteGuard)."""
+    max_steps = trainer.max_steps
+    return bool(trainer.should_stop) or (
+        max_steps is not None and 0 <= max_steps <= trainer.global_step
+    )
 
 
 class FinalLastCheckpoint(Callback):
     """Add to any Trainer with a ``ModelCheckpoint(save_last=True)``: when training ends (at
     max_steps, or stopped by GracefulStop), ``last.ckpt`` holds that step. ``fewstep fit``
-    adds it."""
+    adds it.
+
+    It writes at the end of the final *batch*, where ModelCheckpoint's own step saves write:
+    once the loop has ended, Lightning has already counted that batch (and, mid-epoch, closed
+    the epoch), so a checkpoint written then resumes into a new epoch with other data
+    (``tests/test_graceful_stop.py``); and it marks the step saved, so ModelCheckpoint's
+    end-of-epoch ``last`` save does not overwrite it with that state. ``on_train_end`` covers
+    the other endings."""
+
+    def __init__(self) -> None:
+        self._written_at: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        """At the fit's last batch, rewrite a stale ``last.ckpt`` with the mid-run loop state."""
+        if ends_training(trainer) and self._written_at != trainer.global_step:
+            save_final_last_checkpoints(trainer)
+            self._written_at = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Rewrite a stale ``last.ckpt`` at the final step."""
-        save_final_last_checkpoints(trainer)
+        """Rewrite a ``last.ckpt`` still stale (training ended some other way)."""
+        if self._written_at != trainer.global_step:
+            save_final_last_checkpoints(trainer)
