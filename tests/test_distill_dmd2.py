@@ -10,6 +10,7 @@ import torch
 import yaml
 from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config
 from test_distill_ladd import grads, tiny_batch, tiny_models
+from test_flux_methods import tiny_flux_models
 from test_resume_exact import _check_resume, _student_config
 from torch import nn
 
@@ -303,12 +304,18 @@ def test_bad_config_is_one_clear_error(kwargs, match):
         DMD2(**kwargs)
 
 
-def test_gan_head_needs_a_dit_teacher_and_existing_blocks():
+def test_gan_head_needs_a_network_with_blocks_and_existing_blocks():
     with pytest.raises(ValueError, match="DMD2 gan_feature_blocks: .*3 blocks"):
         DMD2(gan_weight=0.1, gan_feature_blocks=[7]).setup(guided_models())
+    flux = dataclasses.replace(tiny_flux_models(), student_sampler=Consistency(steps=4))
+    method = DMD2(gan_weight=0.1, gan_feature_blocks=[-1], head_hidden=16)
+    method.setup(flux)  # a Flux teacher: 2 double + 2 single blocks, the last single one read
+    assert method.block_indices == [3] and method.heads.heads[0].norm.normalized_shape == (32,)
+    with pytest.raises(ValueError, match="DMD2 gan_feature_blocks: .*4 blocks"):
+        DMD2(gan_weight=0.1, gan_feature_blocks=[4]).setup(flux)
     models = guided_models()
     models.teacher.net = nn.Linear(2, 2)  # no blocks
-    with pytest.raises(TypeError, match="gan_weight"):
+    with pytest.raises(TypeError, match="DMD2 gan_weight > 0: .*Linear.*set gan_weight: 0.0"):
         DMD2(gan_weight=0.1).setup(models)
 
 

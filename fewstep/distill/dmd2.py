@@ -14,6 +14,7 @@ loss (DMD2 drops it, §4.1). The StudentModule owns the two optimisers and the s
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -39,8 +40,9 @@ from fewstep.models.ladd_discriminator import (
     block_features,
     frozen_parameters,
     resolve_blocks,
-    token_grid,
+    token_features,
 )
+from fewstep.models.token_features import TokenFeatures
 
 
 def generator_step_due(global_step: int, fake_steps_per_generator_step: int) -> bool:
@@ -83,8 +85,10 @@ class DMD2(DistillationMethod):
     process's own time (None: the teacher's own ``timestep_sampler``, from ``Models``; without one,
     the same U[min, max] as the matching). The student's grid is its sampler's (read from
     ``Models``); the real score uses the StudentModule's ``guidance_scale``. ``gan_weight`` > 0
-    adds heads on the fake-score network's ``gan_feature_blocks`` trained with weight
-    ``gan_head_weight`` in the fake-score step.
+    adds heads on the fake-score network's ``gan_feature_blocks`` (indices into its
+    ``token_features()`` blocks: DiT blocks, or Flux double then single blocks) trained with
+    weight ``gan_head_weight`` in the fake-score step. The fake score is a denoiser of the
+    teacher's kind (a guidance-embedded FLUX.1-dev copy gets the teacher's guidance input).
     """
 
     num_optimizers: ClassVar[int] = 2
@@ -133,22 +137,18 @@ class DMD2(DistillationMethod):
             self.heads = self._build_heads(teacher)
 
     def _build_heads(self, net: nn.Module) -> FeatureDiscriminatorHeads:
-        """LADD-style token heads on the fake-score DiT's block features (DMD2 §4.3)."""
-        blocks = getattr(net, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList) or not hasattr(net, "config"):
-            raise TypeError(
-                f"DMD2 gan_weight > 0: the teacher network {type(net).__name__} must be a fewstep "
-                "DiT (blocks + config()) for the GAN head; set gan_weight: 0.0 otherwise."
-            )
+        """LADD-style token heads on the fake-score network's image-token block features (DMD2
+        §4.3; DiT blocks, or Flux double then single blocks)."""
+        features = gan_token_features(net)
         try:
-            self.block_indices = resolve_blocks(self.gan_feature_blocks, len(blocks))
+            self.block_indices = resolve_blocks(self.gan_feature_blocks, len(features.blocks))
         except ValueError as err:
             raise ValueError(f"DMD2 gan_feature_blocks: {err}") from None
         device = next(net.parameters()).device
         return FeatureDiscriminatorHeads(
             num_heads=len(self.block_indices),
-            feature_dim=net.config()["hidden_size"],
-            text_dim=net.config()["caption_channels"],
+            feature_dim=features.width,
+            text_dim=features.text_dim,
             cond_dim=self.head_cond_dim,
             hidden=self.head_hidden,
         ).to(device)
@@ -162,11 +162,11 @@ class DMD2(DistillationMethod):
         return self.parameters()
 
     def fake_denoiser(self, models: Models) -> Denoiser:
-        """The fake score as a denoiser in the teacher's process and parameterisation."""
+        """The fake score as a denoiser of the teacher's kind: its process, parameterisation and,
+        for a guidance-embedded teacher (FLUX.1-dev), its default guidance input."""
         if self.fake_score is None:
             raise RuntimeError("DMD2: call setup(models) first (it builds the fake score).")
-        t = models.teacher
-        return Denoiser(self.fake_score, t.process, t.prediction, t.learned_sigma)
+        return dataclasses.replace(models.teacher, net=self.fake_score)
 
     # ---------------------------------------------------------------- times and student inputs
     def matching_times(self, batch: int, process: NoiseProcess, g: torch.Generator) -> Tensor:
@@ -257,10 +257,11 @@ class DMD2(DistillationMethod):
         t = self.matching_times(x0.shape[0], models.process, g).to(x0.device)
         x_t = models.process.add_noise(x0, randn(x0.shape, x0, g), t)
         fake = self.fake_denoiser(models)
+        tokens = gan_token_features(fake.net)
         features = block_features(
-            fake.net, lambda: fake.raw(x_t, t, **cond), self.block_indices, True
+            tokens, lambda: fake.raw(x_t, t, **cond), self.block_indices, x0.shape[-2:]
         )
-        grid = token_grid(x0.shape[-2:], models.teacher.net.patch_size)
+        grid = tokens.grid(x0.shape[-2:])
         model_time = models.process.model_time(t).float()
         return self.heads(features, grid, model_time, cond["text"], cond["text_mask"])
 
@@ -289,6 +290,11 @@ class DMD2(DistillationMethod):
         """The G step's detached student x0 for this batch, or a fresh one under no_grad."""
         cached, self._fake = self._fake, None
         return take_cached_sample(cached, batch, lambda: self.student_x0(batch, models)[0])
+
+
+def gan_token_features(net: nn.Module) -> TokenFeatures:
+    """The fake-score network's feature blocks for the GAN head (DMD2 §4.3)."""
+    return token_features(net, "DMD2 gan_weight > 0", "; set gan_weight: 0.0 otherwise.")
 
 
 def _check_args(n: int, t_min: float, t_max: float, gan: float, head: float) -> None:

@@ -35,8 +35,9 @@ from fewstep.models.ladd_discriminator import (
     block_features,
     frozen_parameters,
     resolve_blocks,
-    token_grid,
+    token_features,
 )
+from fewstep.models.token_features import TokenFeatures
 
 RealSource = Literal["data", "teacher"]
 
@@ -66,7 +67,9 @@ class LADD(DistillationMethod):
     real examples: cached data latents or CFG teacher samples (LADD §3, synthetic data). The
     student's input times are the grid of the StudentModule's ``sampler`` and teacher samples use
     its reference ``teacher_sampler`` and ``guidance_scale`` (read from ``Models`` in ``setup``:
-    one owner per setting).
+    one owner per setting). ``feature_blocks`` index the teacher's ``token_features()`` blocks:
+    a DiT's blocks, or a Flux's double then single blocks (image tokens only, on the 2x2-packed
+    latent grid).
     """
 
     num_optimizers: ClassVar[int] = 2
@@ -111,13 +114,8 @@ class LADD(DistillationMethod):
         """Resolve the feature blocks and student times and build the heads on the teacher's
         sizes (idempotent; before a checkpoint is loaded into the method)."""
         net = models.teacher.net
-        blocks = getattr(net, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList) or not hasattr(net, "config"):
-            raise TypeError(
-                f"LADD: the teacher network {type(net).__name__} must be a fewstep DiT (blocks + "
-                "config()) to provide discriminator features."
-            )
-        self.block_indices = resolve_blocks(self.feature_blocks, len(blocks))
+        features = teacher_token_features(net)
+        self.block_indices = resolve_blocks(self.feature_blocks, len(features.blocks))
         self.student_times = student_grid(models, "LADD")
         self.student_timestep_weights = timestep_weights(
             self.weights_given, len(self.student_times)
@@ -127,8 +125,8 @@ class LADD(DistillationMethod):
             device = next(net.parameters()).device
             self.heads = FeatureDiscriminatorHeads(
                 num_heads=len(self.block_indices),
-                feature_dim=net.config()["hidden_size"],
-                text_dim=net.config()["caption_channels"],
+                feature_dim=features.width,
+                text_dim=features.text_dim,
                 cond_dim=self.head_cond_dim,
                 hidden=self.head_hidden,
                 kernel_size=self.head_kernel_size,
@@ -204,11 +202,12 @@ class LADD(DistillationMethod):
     def teacher_features(
         self, teacher: Denoiser, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]
     ) -> list[Tensor]:
-        """Token features [B, N, D] of the chosen teacher blocks at (x_t, t) via forward hooks."""
+        """Image-token features [B, N, D] of the chosen teacher blocks at (x_t, t) via hooks."""
         return block_features(
-            teacher.net,
+            teacher_token_features(teacher.net),
             lambda: teacher.raw(x_t, t, **cond),
             self.block_indices,
+            x_t.shape[-2:],
             self.stop_after_last_block,
         )
 
@@ -230,7 +229,7 @@ class LADD(DistillationMethod):
         models: Models,
     ) -> list[Tensor]:
         """Per-head token logits (each [B, N]) conditioned on the text and the noise level t."""
-        grid = token_grid(latent_hw, models.teacher.net.patch_size)
+        grid = teacher_token_features(models.teacher.net).grid(latent_hw)
         model_time = models.process.model_time(t).float()
         return self._heads()(features, grid, model_time, cond["text"], cond["text_mask"])
 
@@ -286,6 +285,11 @@ class LADD(DistillationMethod):
         """The G step's detached student x0 for this batch, or a fresh one under no_grad."""
         cached, self._fake = self._fake, None
         return take_cached_sample(cached, batch, lambda: self.student_x0(batch, models)[0])
+
+
+def teacher_token_features(net: nn.Module) -> TokenFeatures:
+    """The teacher network's feature blocks (DiT blocks; Flux double then single blocks)."""
+    return token_features(net, "LADD (the discriminator reads the teacher's blocks)", ".")
 
 
 def timestep_weights(weights: list[float] | None, steps: int) -> Tensor:

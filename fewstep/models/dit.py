@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fewstep.models.token_features import TokenFeatures
+
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (PixArt-α / DiT)
 MASK_BIAS = -10000.0  # additive attention bias of a padded text token, as diffusers uses
 
@@ -280,6 +282,12 @@ class DiT(nn.Module):
     def config(self) -> dict:
         """The init arguments (for fingerprints and export)."""
         return dict(self._config)
+
+    def token_features(self) -> TokenFeatures:
+        """The blocks whose outputs [B, N, D] are the image tokens on the patch grid (features of
+        LADD's and DMD2's discriminator heads)."""
+        caption = self._config["caption_channels"]
+        return TokenFeatures(list(self.blocks), self.hidden_size, caption, self.patch_size)
 
     def initialize_weights(self) -> None:
         """PixArt-α init: xavier linears, N(0, 0.02) embedders, zero cross-attn out and output."""

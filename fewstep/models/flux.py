@@ -31,6 +31,7 @@ from fewstep.models.flux_layers import (
     unpack_latents,
     zero_output_embedder,
 )
+from fewstep.models.token_features import TokenFeatures
 
 __all__ = ["Flux", "pack_latents", "position_ids", "unpack_latents"]
 
@@ -100,6 +101,14 @@ class Flux(nn.Module):
     def config(self) -> dict:
         """The init arguments (for fingerprints and export)."""
         return dict(self._config)
+
+    def token_features(self) -> TokenFeatures:
+        """The double then single blocks with their image tokens on the 2x2-packed latent grid
+        (features of LADD's and DMD2's discriminator heads): a double block's image stream, the
+        image part (after the text) of a single block's joint sequence."""
+        blocks = [*self.double_blocks, *self.single_blocks]
+        text_dim = self._config["context_in_dim"]
+        return TokenFeatures(blocks, self.hidden_size, text_dim, PACK, image_tokens)
 
     def add_guidance_embedding(self) -> None:
         """Turn on guidance_embed in place with a zero output layer (the output does not change
@@ -178,6 +187,14 @@ class Flux(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+
+def image_tokens(output: Tensor | tuple[Tensor, Tensor], num_image: int) -> Tensor:
+    """A Flux block's output -> its image tokens [B, N, D]: the image stream of a double block's
+    (image, text), the last N tokens of a single block's joint [text; image] sequence."""
+    if isinstance(output, tuple):
+        return output[0]  # (img [B, N, D], txt [B, L, D])
+    return output[:, -num_image:]  # [B, L + N, D] -> [B, N, D]
 
 
 def _per_sample(value: Tensor, batch: int) -> Tensor:

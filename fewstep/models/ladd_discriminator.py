@@ -1,15 +1,18 @@
-"""LADD's discriminator: a frozen DiT's block features (read with forward hooks) plus light
-trainable heads conditioned on text and noise level (Sauer et al. 2024, arXiv:2403.12015, §3;
-heads as ADD / StyleGAN-T: per-token logits with a projection onto the condition)."""
+"""LADD's discriminator: a frozen transformer's image-token block features (read with forward
+hooks; DiT or Flux, see ``fewstep.models.token_features``) plus light trainable heads conditioned
+on text and noise level (Sauer et al. 2024, arXiv:2403.12015, §3; heads as ADD / StyleGAN-T:
+per-token logits with a projection onto the condition)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from torch import Tensor, nn
 
 from fewstep.models.dit import TIMESTEP_FREQ_DIM, timestep_embedding
+from fewstep.models.token_features import TokenFeatures
 
 
 class _StopForward(Exception):
@@ -37,16 +40,16 @@ def resolve_blocks(indices: Sequence[int] | None, depth: int) -> list[int]:
 @contextmanager
 def capture_block_outputs(
     blocks: Sequence[nn.Module], indices: Sequence[int], stop_after_last: bool = False
-) -> Iterator[dict[int, Tensor]]:
+) -> Iterator[dict[int, Any]]:
     """Forward hooks recording the outputs of ``blocks[i]`` for i in ``indices`` into the yielded
     dict while the context is open; with ``stop_after_last`` the forward is cut after the deepest
     one (the caller must run it through ``run_until_captured``)."""
-    captured: dict[int, Tensor] = {}
+    captured: dict[int, Any] = {}
     last = max(indices)
 
     def make_hook(i: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            captured[i] = output  # [B, N, D] tokens after block i
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            captured[i] = output  # block i's output (tokens [B, N, D], or a tuple of streams)
             if stop_after_last and i == last:
                 raise _StopForward
 
@@ -60,26 +63,36 @@ def capture_block_outputs(
             handle.remove()
 
 
+def token_features(net: nn.Module, owner: str, fix: str = "") -> TokenFeatures:
+    """``net.token_features()`` (fewstep DiT and Flux describe their blocks), or one clear
+    TypeError starting with ``owner`` and ending with ``fix``."""
+    describe = getattr(net, "token_features", None)
+    if not callable(describe):
+        raise TypeError(
+            f"{owner}: the network {type(net).__name__} has no token_features() naming the blocks "
+            "to read discriminator features from (use fewstep.models.dit.DiT or "
+            f"fewstep.models.flux.Flux){fix}"
+        )
+    return describe()
+
+
 def block_features(
-    net: nn.Module,
+    features: TokenFeatures,
     call: Callable[[], object],
     indices: Sequence[int],
+    latent_hw: Sequence[int],
     stop_after_last: bool = True,
 ) -> list[Tensor]:
-    """Token features [B, N, D] of ``net.blocks[i]`` for each i in ``indices`` while ``call()``
-    runs the network; the blocks after the deepest one are skipped when ``stop_after_last``."""
-    blocks = getattr(net, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(
-            f"LADD: the teacher network {type(net).__name__} has no `blocks` ModuleList to read "
-            "features from; use fewstep.models.dit.DiT (or a network exposing its blocks)."
-        )
-    with capture_block_outputs(blocks, indices, stop_after_last) as captured:
+    """Image-token features [B, N, D] (N = the token grid of ``latent_hw``) of
+    ``features.blocks[i]`` for each i in ``indices`` while ``call()`` runs the network; the blocks
+    after the deepest one are skipped when ``stop_after_last``."""
+    gh, gw = features.grid(latent_hw)
+    with capture_block_outputs(features.blocks, indices, stop_after_last) as captured:
         try:
             call()
         except _StopForward:
             pass
-    return [captured[i] for i in indices]
+    return [features.image_tokens(captured[i], gh * gw) for i in indices]
 
 
 def pooled_text(text: Tensor, text_mask: Tensor) -> Tensor:
@@ -181,8 +194,3 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
-
-
-def token_grid(latent_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Latent size (H, W) -> the DiT's token grid (H / p, W / p)."""
-    return latent_hw[0] // patch_size, latent_hw[1] // patch_size

@@ -13,9 +13,10 @@ import yaml
 from fewstep.data.cache import LatentCache
 from fewstep.data.cache_builder import describe_dataset
 from fewstep.data.couplings import build_couplings
+from fewstep.data.datamodule import PooledText, null_pooled, pooled_source
 from fewstep.diffusion.samplers import Sampler
 from fewstep.lightning.checkpoints import load_trained
-from fewstep.lightning.sampling import as_null_text, generate
+from fewstep.lightning.sampling import NullText, as_null_text, generate
 from fewstep.utils.fingerprint import weights_hash
 
 
@@ -38,6 +39,14 @@ def describe_sampler(sampler: Sampler) -> dict[str, Any]:
     cls = type(sampler)
     args = sampler.init_args() if hasattr(sampler, "init_args") else describe_dataset(sampler)
     return {"class": f"{cls.__module__}.{cls.__qualname__}", **args}
+
+
+def null_text(source: LatentCache, max_text_length: int | None, pooled: PooledText) -> NullText:
+    """The null caption's valid tokens and, when the teacher gets pooled vectors, its pooled one
+    (CFG's unconditional input, as the teacher's datamodule gives it)."""
+    tokens = torch.as_tensor(source.null_text()[:max_text_length])
+    mask = torch.ones(tokens.shape[0], dtype=torch.bool)
+    return as_null_text((tokens, mask, null_pooled(source, pooled, max_text_length)))
 
 
 def _device(device: str) -> torch.device:
@@ -64,7 +73,9 @@ def couplings(
 ) -> dict[str, str]:
     """Sample the teacher (fit YAML + checkpoint, EMA weights) from seeded noise for the captions
     of source cache ``cache`` (default: the YAML's data.init_args.path), samples [0, num_samples),
-    with its configured sampler and guidance scale unless given; rerunning resumes."""
+    with its configured sampler and guidance scale unless given; rerunning resumes. A teacher
+    taking a pooled text vector (Flux) gets it as its YAML's data.init_args.pooled_text makes it
+    (with the null caption's for CFG's unconditional pass)."""
     source_path = cache or data_args(teacher_config).get("path")
     if source_path is None:
         raise ValueError(f"'{teacher_config}' has no data.init_args.path; pass --cache.")
@@ -73,13 +84,16 @@ def couplings(
     sampler = sampler if sampler is not None else teacher.sampler
     scale = float(teacher.guidance_scale if guidance_scale is None else guidance_scale)
     max_text_length = data_args(teacher_config).get("max_text_length")
-    null = as_null_text(source.null_text()[:max_text_length]) if scale != 1.0 else None
+    pooled = pooled_source(source, data_args(teacher_config).get("pooled_text", "cache"))
+    null = null_text(source, max_text_length, pooled) if scale != 1.0 else None
     target = _device(device)
     teacher = teacher.to(target)
 
-    def sample(text: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample(
+        text: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            return generate(teacher.denoiser, sampler, text, mask, noise, scale, null)
+            return generate(teacher.denoiser, sampler, text, mask, noise, scale, null, cond=cond)
 
     info = {
         "teacher": {  # weights_sha256 = StudentModule.teacher_identity["sha256"] (same weights)
@@ -103,5 +117,6 @@ def couplings(
         max_text_length,
         target,
         progress,
+        pooled,
     )
     return {"couplings": str(root), "teacher_weights": weights}
