@@ -22,11 +22,15 @@ from student_fixtures import (
     couplings_args,
     cpu_student_config,
 )
+from test_flux_cache import FakeVAE
 from test_flux_student import TINY_FLUX, flux_data, teachers  # noqa: F401  (teachers: fixture)
 
 from fewstep.cli import run
-from fewstep.data.couplings import CouplingDataModule
+from fewstep.data.cache import LatentCache
+from fewstep.data.cache_builder import build_cache
+from fewstep.data.couplings import CouplingDataModule, build_couplings
 from fewstep.data.datamodule import mean_tokens
+from fewstep.data.shapes import ShapesWorld
 from fewstep.diffusion.guidance import GuidanceEmbedded
 from fewstep.diffusion.samplers import Consistency, Euler
 from fewstep.diffusion.schedules import RectifiedFlow
@@ -368,3 +372,65 @@ def test_reflow_student_of_a_flux_teacher_fits_and_validates(teachers, flux_coup
     metrics = run(["validate", *common, "--ckpt_path", str(ckpt)]).trainer.callback_metrics
     assert float(metrics["val/student_1/nfe"]) == 1 and float(metrics["val/teacher/nfe"]) == 4
     assert torch.isfinite(metrics["val/student_1/latent_mse"])
+
+
+class PooledTextEncoder:
+    """A stand-in for FluxTextEncoder: 3 tokens and a pooled vector per caption, functions of its
+    characters (distinct for distinct captions)."""
+
+    dim, pooled_dim = 6, 5
+
+    def _codes(self, captions: list[str]) -> torch.Tensor:
+        return torch.tensor([[float(sum(map(ord, c)) % 97), float(len(c))] for c in captions])
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self._codes(captions)  # [B, 2]
+        tokens = codes[:, :1, None] * torch.linspace(0.01, 0.1, 3 * self.dim).reshape(1, 3, -1)
+        return tokens, torch.ones(len(captions), 3, dtype=torch.bool)
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self([""])
+
+    def pooled(self, captions: list[str]) -> torch.Tensor:
+        codes = self._codes(captions)
+        return codes[:, 1:] * torch.linspace(0.1, 0.5, self.pooled_dim) + codes[:, :1] / 100
+
+    def null_pooled(self) -> torch.Tensor:
+        return self.pooled([""])
+
+    def fingerprint(self) -> dict[str, str]:
+        return {"config": "pooled-stand-in", "weights": "none"}
+
+
+def test_couplings_of_a_flux_cache_give_the_teacher_and_the_student_its_pooled_vectors(tmp_path):
+    """From a cache storing pooled vectors (FLUX.1's CLIP one; pooled_text "cache") the teacher
+    samples with them, the couplings store a copy, and the student's batches carry them."""
+    encoder = PooledTextEncoder()
+    source_dir = build_cache(
+        ShapesWorld(size=6, resolution=32, seed=0),
+        FakeVAE(),
+        encoder,
+        tmp_path / "cache",
+        shard_size=4,
+        batch_size=3,
+        progress=False,
+    )
+    source = LatentCache(source_dir)
+    given: list[torch.Tensor] = []
+
+    def sample(text, mask, noise, cond):
+        given.append(cond)
+        return 0.5 * noise
+
+    out = build_couplings(
+        source, sample, tmp_path / "couplings", {}, 5, shard_size=4, batch_size=2, pooled="cache"
+    )
+    expected = torch.from_numpy(source.read_pooled(range(5)))
+    assert len(given) == 3 and torch.equal(torch.cat(given), expected)  # shards [4, 1], batches 2
+    data = CouplingDataModule(str(out), batch_size=5, verify="all")
+    data.setup("fit")
+    assert data.pooled_text == "cache" and data.pooled_dim == encoder.pooled_dim
+    batch = data.train_dataset.__getitems__(list(range(5)))
+    assert torch.equal(batch["cond"], expected)
+    null_pooled = data.null_text()[2]
+    torch.testing.assert_close(null_pooled, torch.from_numpy(source.null_pooled())[None])
