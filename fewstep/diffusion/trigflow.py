@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fewstep.diffusion.denoiser import Denoised, Denoiser, batch_time
 from fewstep.diffusion.flow_frame import process_time
+from fewstep.diffusion.guidance import GuidanceEmbedded
 from fewstep.diffusion.parameterization import PredictionType, from_x0_eps, to_x0_eps
 from fewstep.diffusion.schedules import NoiseProcess, Spacing, broadcast
 
@@ -163,6 +164,34 @@ class TrigFlowDenoiser(Denoiser):
         return trig_velocity(self(x, t, **cond), batch_time(t, x))
 
 
+@dataclass(eq=False)
+class GuidanceEmbeddedTrigFlow(TrigFlowDenoiser, GuidanceEmbedded):
+    """TrigFlowDenoiser over a guidance-embedded network (FLUX.1-dev; Meng et al. 2023 §3.1):
+    calls without ``guidance=`` use ``scale``, and ClassifierFreeGuidance sees a
+    GuidanceEmbedded and makes its one pass."""
+
+    def raw(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Tensor:
+        """The network's prediction at TrigFlow (x, t) and the call's (or default) scale."""
+        if "guidance" not in cond:
+            cond["guidance"] = torch.full((x.shape[0],), self.scale, device=x.device)
+        return TrigFlowDenoiser.raw(self, x, t, **cond)
+
+    @property
+    def base(self) -> Denoiser:
+        """The network on its own process, keeping its default scale."""
+        assert isinstance(self.process, TrigFlowTime)
+        net, base = self.net, self.process.base
+        return GuidanceEmbedded(net, base, self.prediction, self.learned_sigma, scale=self.scale)
+
+
 def as_trigflow(denoiser: Denoiser) -> TrigFlowDenoiser:
-    """The denoiser in TrigFlow coordinates (itself if already a TrigFlowDenoiser)."""
-    return denoiser if isinstance(denoiser, TrigFlowDenoiser) else TrigFlowDenoiser.wrap(denoiser)
+    """The denoiser in TrigFlow coordinates (itself if already there), keeping a
+    guidance-embedded network's default scale."""
+    if isinstance(denoiser, TrigFlowDenoiser):
+        return denoiser
+    view = TrigFlowDenoiser.wrap(denoiser)
+    if not isinstance(denoiser, GuidanceEmbedded):
+        return view
+    return GuidanceEmbeddedTrigFlow(
+        view.net, view.process, view.prediction, view.learned_sigma, scale=denoiser.scale
+    )

@@ -31,8 +31,12 @@ from fewstep.diffusion.continuous_consistency import (
 )
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
-from fewstep.diffusion.guided_trigflow import trigflow_view
-from fewstep.diffusion.trigflow import TrigFlowDenoiser, TrigFlowTime, trig_velocity
+from fewstep.diffusion.trigflow import (
+    TrigFlowDenoiser,
+    TrigFlowTime,
+    as_trigflow,
+    trig_velocity,
+)
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.distill.ladd import LADD, randn
 from fewstep.models.adaptive_weight import AdaptiveWeight
@@ -90,7 +94,7 @@ class SCM(DistillationMethod):
     def student_denoiser(self, student: Denoiser) -> Denoiser:
         """The student in TrigFlow coordinates: its x0 is f_θ(x_t, t) (sampled by Consistency);
         a guidance-embedded one (FLUX.1-dev) keeps its guidance input."""
-        return trigflow_view(student)
+        return as_trigflow(student)
 
     def after_student_step(self, models: Models) -> None:
         """Advance the tangent warm-up clock (saved with the method: exact resume)."""
@@ -102,7 +106,7 @@ class SCM(DistillationMethod):
 
     def teacher_velocity(self, x: Tensor, t: Tensor, batch: DistillBatch, models: Models) -> Tensor:
         """The CFG teacher's TrigFlow velocity F_pre(x, t) (sigma_d units) under no_grad."""
-        teacher = trigflow_view(models.teacher)  # a guidance-embedded one: one pass
+        teacher = as_trigflow(models.teacher)  # a guidance-embedded one: one pass
         guided = ClassifierFreeGuidance(teacher, models.guidance_scale, batch.cond, batch.uncond)
         with torch.no_grad():
             return trig_velocity(guided(x, t), t).to(x.dtype)
@@ -126,7 +130,7 @@ class SCM(DistillationMethod):
     def scm_terms(self, batch: DistillBatch, models: Models) -> tuple[Tensor, Tensor, Tensor]:
         """(F_θ(x_t / sigma_d, t) with its graph, the normalised tangent g, t [B]) (Alg. 1)."""
         x0, g = batch.latents, batch.generator
-        student = trigflow_view(models.student)
+        student = as_trigflow(models.student)
         t_max = TrigFlowTime(models.process).t_max
         t = proposal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_data, g, t_max)
         t = t.to(x0.device)
