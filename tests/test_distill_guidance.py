@@ -104,3 +104,36 @@ def test_setup_adds_a_zero_guidance_embedding_and_reads_the_reference_scale():
 def test_bad_scale_range_is_one_clear_error(scale):
     with pytest.raises(ValueError, match="guidance_scale"):
         GuidanceDistillation(guidance_scale=scale)
+
+
+def test_a_guidance_distilled_student_is_the_teacher_of_another_method(tmp_path):
+    """Its fit YAML + checkpoint serve as teacher_config/teacher_ckpt: the next student (here
+    progressive distillation) starts from its EMA weights, keeps the scale embedding and its
+    teacher costs one pass per guided step."""
+    import yaml
+    from student_fixtures import CONFIGS, build_tiny_teacher, cpu_student_config
+
+    from fewstep.cli import run
+
+    tiny = build_tiny_teacher(tmp_path / "teacher")
+    (tmp_path / "g").mkdir()
+    guidance = cpu_student_config(CONFIGS / "student/guidance_shapes.yaml", tiny, tmp_path / "g")
+    run(["fit", "-c", str(guidance), "--trainer.max_steps=2", "--trainer.limit_val_batches=0"])
+    ckpt = next((tmp_path / "g").rglob("last.ckpt"))
+    first = dataclasses.replace(tiny, config=guidance, ckpt=ckpt)
+    progressive = cpu_student_config(CONFIGS / "student/progressive_shapes.yaml", first, tmp_path)
+    cli = run(["validate", "-c", str(progressive), "--trainer.limit_val_batches=1"])
+    module = cli.model
+    assert module.teacher.g_embedder is not None and module.student.g_embedder is not None
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw = {
+        k.removeprefix("student."): v for k, v in saved["state_dict"].items() if k[:8] == "student."
+    }
+    teacher = (
+        module.teacher.state_dict()
+    )  # the first student's raw weights (use_teacher_ema: false)
+    assert "g_embedder.2.weight" in raw and set(raw) == set(teacher)
+    assert all(torch.equal(teacher[k], v) for k, v in raw.items())
+    steps = yaml.safe_load(progressive.read_text())["model"]["init_args"]["teacher_sampler"]
+    nfe = cli.trainer.callback_metrics["val/teacher/nfe"]
+    assert nfe == steps["init_args"]["steps"]  # one pass per step: the scale is an input

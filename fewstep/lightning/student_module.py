@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fewstep.diffusion.guidance import guidance_passes
 from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
-from fewstep.lightning.checkpoints import TeacherMismatchError, load_teacher
+from fewstep.lightning.checkpoints import TeacherMismatchError, is_student, load_teacher
 from fewstep.lightning.eval_metrics import Metrics
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
@@ -101,7 +101,9 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
                 f"{val_num_samples} and {self.eval_steps}"
             )
         reference = load_teacher(teacher_config, teacher_ckpt, use_teacher_ema)
-        self.teacher = reference.network  # registered (moves with the module), stripped on save
+        # a teacher fit, or a distilled student (e.g. guidance-distilled: one pass per CFG step)
+        network = reference.student if is_student(reference) else reference.network
+        self.teacher = network  # registered (moves with the module), stripped on save
         self.process, self.prediction = reference.process, reference.prediction
         self.teacher_timesteps = getattr(reference, "timestep_sampler", None)
         self.teacher_identity = {
