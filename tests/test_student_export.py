@@ -90,11 +90,10 @@ def ours(module: StudentModule, n: int, seed: int = 7) -> Tensor:
         return module.student_latents(text, mask.bool(), noise, steps=n, generator=gen)
 
 
-def pipeline_latents(out: Path, n: int, seed: int = 7) -> Tensor:
-    """The exported pipeline's n-step latents from the same inputs (recorded call kwargs)."""
+def run_pipeline(out: Path, pipeline_class=PixArtSigmaPipeline, seed: int = 7, **call) -> Tensor:
+    """The exported pipeline's latents from text_and_noise() with keyword arguments ``call``."""
     text, mask, noise = text_and_noise()
-    call = json.loads((out / EXPORT_RECORD).read_text())["pipeline_calls"][str(n)]
-    pipe = PixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
+    pipe = pipeline_class.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         prompt_embeds=text,
@@ -104,6 +103,12 @@ def pipeline_latents(out: Path, n: int, seed: int = 7) -> Tensor:
         generator=torch.Generator().manual_seed(seed),
         **call,
     ).images
+
+
+def pipeline_latents(out: Path, n: int, seed: int = 7) -> Tensor:
+    """The exported pipeline's n-step latents from the same inputs (recorded call kwargs)."""
+    call = json.loads((out / EXPORT_RECORD).read_text())["pipeline_calls"][str(n)]
+    return run_pipeline(out, seed=seed, **call)
 
 
 def assert_close(pipe: Tensor, reference: Tensor) -> None:
@@ -291,20 +296,8 @@ def test_no_text_encoder_is_exported_for_a_cache_of_another_encoder(flow_teacher
 def plain_pipeline_latents(out: Path, n: int, seed: int = 7) -> Tensor:
     """The exported pipeline called plainly: only the step count and guidance_scale=1 (plus the
     inputs, and no resolution binning, which PixArtSigmaPipeline refuses for a 16-latent model)."""
-    text, mask, noise = text_and_noise()
-    pipe = PixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt_embeds=text,
-        prompt_attention_mask=mask,
-        negative_prompt=None,
-        num_inference_steps=n,
-        guidance_scale=1.0,
-        use_resolution_binning=False,
-        latents=noise.clone(),
-        output_type="latent",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
+    plain = {"num_inference_steps": n, "guidance_scale": 1.0, "use_resolution_binning": False}
+    return run_pipeline(out, seed=seed, negative_prompt=None, **plain)
 
 
 @pytest.mark.parametrize("kind", ["lcm_ddpm", "euler_flow"])
@@ -327,21 +320,10 @@ def test_a_plain_pipeline_call_reproduces_the_student_at_each_step_count(
 
 def guided_pipeline_latents(out: Path, n: int, scale: float, seed: int = 7) -> Tensor:
     """The exported guided pipeline at n steps and embedded CFG scale ``scale``."""
-    text, mask, noise = text_and_noise()
-    pipe = GuidedPixArtSigmaPipeline.from_pretrained(out, local_files_only=True)
-    assert isinstance(pipe.transformer, GuidedPixArtTransformer2DModel)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt_embeds=text,
-        prompt_attention_mask=mask,
-        negative_prompt=None,
-        num_inference_steps=n,
-        guidance_scale=scale,
-        use_resolution_binning=False,
-        latents=noise.clone(),
-        output_type="latent",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
+    transformer = GuidedPixArtSigmaPipeline.from_pretrained(out, local_files_only=True).transformer
+    assert isinstance(transformer, GuidedPixArtTransformer2DModel)
+    call = {"num_inference_steps": n, "guidance_scale": scale, "use_resolution_binning": False}
+    return run_pipeline(out, GuidedPixArtSigmaPipeline, seed, negative_prompt=None, **call)
 
 
 @pytest.mark.parametrize("kind", ["guidance_flow", "lcm_w_ddpm"])
