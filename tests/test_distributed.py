@@ -7,8 +7,10 @@ sees the noise the whole batch sees in one process."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 from torch import Tensor
 from torch.distributed.fsdp import (
@@ -33,6 +35,7 @@ from fewstep.diffusion.losses import diffusion_loss
 from fewstep.diffusion.schedules import RectifiedFlow
 from fewstep.lightning.checkpoints import apply_ema, ema_state, load_checkpoint
 from fewstep.lightning.ema import EMA
+from fewstep.lightning.interrupt import GracefulStop
 from fewstep.lightning.nonfinite import NonFiniteError, NonFiniteGuard
 from fewstep.lightning.teacher_module import TeacherModule
 from fewstep.models.dit import DiT, PixArtBlock
@@ -324,3 +327,44 @@ def test_nan_on_one_rank_skips_on_every_rank_ddp(tmp_path):
 def test_nan_on_one_rank_skips_on_every_rank_fsdp(tmp_path):
     on_two_ranks(_nan, tmp_path, "fsdp")
     _assert_all_ranks_skipped_then_stopped(tmp_path, "fsdp")
+
+
+# --- a signal on one rank -------------------------------------------------------------------------
+
+
+class SignalRankAt(pl.Callback):
+    """Sends SIGTERM to this process on ``rank`` at the end of training batch ``step``."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signal_one_rank(rank: int, out: Path) -> None:
+    ddp = DDPStrategy(timeout=timedelta(seconds=60))  # a rank left waiting fails, not hangs
+    module = tiny_teacher()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=ddp,
+        max_steps=50,
+        callbacks=[SignalRankAt(1, 3), GracefulStop()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, Latents(GLOBAL_BATCH // WORLD))
+    torch.save({"step": trainer.global_step, **weights(module)}, out / f"stop{rank}.pt")
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
+    on_two_ranks(_signal_one_rank, tmp_path)
+    ranks = [torch.load(tmp_path / f"stop{r}.pt") for r in range(WORLD)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 3
+    assert_close(ranks[0], ranks[1], rtol=0, atol=0)

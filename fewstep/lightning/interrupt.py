@@ -55,8 +55,14 @@ class GracefulStop(Callback):
             signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        """Re-assert the stop request (a loop may reset ``should_stop`` between batches)."""
-        if self.received is not None:
+        """Stop every rank after this batch when any rank got a signal (one boolean all-reduce
+        per batch under DDP/FSDP: a signal delivered to one process alone would otherwise stop
+        it and leave the others waiting in their next collective); re-assert it each batch (a
+        loop may reset ``should_stop``)."""
+        received = self.received is not None
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if received:
             stop_now(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
