@@ -153,3 +153,26 @@ def test_validate_without_average_leaves_weights_alone():
     before = snapshot(module.net)
     trainer(1, [EMA()], limit_val_batches=1).validate(module, data(), verbose=False)
     assert all(torch.equal(p, before[n]) for n, p in module.net.named_parameters())
+
+
+def test_a_bf16_network_is_averaged_in_float32():
+    """At decay 0.999 each update moves the average by 1e-3 of the gap: below bf16's
+    resolution, so a bf16 average would not move. It is kept (and exported) in float32."""
+    module = Tiny()
+    module.net.to(torch.bfloat16)
+    module.frozen.to(torch.bfloat16)
+    initial = {n: p.float() for n, p in snapshot(module.net).items()}
+    ema = EMA(decay=0.999, warmup=False)
+    recorder = Recorder(ema)
+    bf16_data = DataLoader([x.to(torch.bfloat16) for x in data().dataset], batch_size=4)
+    trainer(3, [ema, recorder]).fit(module, bf16_data)
+    assert all(t.dtype == torch.float32 for t in ema.shadow)
+    expected = {n: initial[n].clone() for n in ema.names}
+    for step in range(3):
+        for n in ema.names:
+            expected[n] = 0.999 * expected[n] + 0.001 * recorder.params[step][n].float()
+    for n, value in zip(ema.names, ema.shadow, strict=True):
+        torch.testing.assert_close(value, expected[n], rtol=0, atol=1e-6)
+        assert not torch.equal(value, initial[n])  # it moved
+    ema.copy_to(module.net)  # export: the float32 average rounded into the bf16 weights
+    assert module.net[0].weight.dtype == torch.bfloat16

@@ -20,6 +20,12 @@ def warmup_decay(decay: float, num_updates: int) -> float:
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
 
 
+def average_dtype(param: Tensor) -> torch.dtype:
+    """float32 for 16-bit weights (a bf16 average at decay 0.999 hardly moves: the update is
+    below bf16's resolution), else the weights' own dtype."""
+    return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+
+
 class EMA(pl.Callback):
     """Keeps ema <- decay * ema + (1 - decay) * param for the trainable floating-point parameters
     of ``getattr(pl_module, attribute)``; swaps the average in for validation, checkpoints it.
@@ -92,7 +98,7 @@ class EMA(pl.Callback):
         self.names = [n for n, _ in named]
         self._module = pl_module
         if self._loaded is None:
-            self.shadow = [p.detach().clone() for _, p in named]
+            self.shadow = [p.detach().to(average_dtype(p), copy=True) for _, p in named]
             return True
         saved = self._loaded["shadow"]
         missing = [n for n in self.names if n not in saved]
@@ -102,7 +108,7 @@ class EMA(pl.Callback):
         if root is not None:  # every rank holds the full average: keep this rank's shards
             self.shadow = scatter_full(root, [p for _, p in named], [saved[n] for n in self.names])
         else:
-            self.shadow = [saved[n].to(p.device, p.dtype).clone() for n, p in named]
+            self.shadow = [saved[n].to(p.device, average_dtype(p), copy=True) for n, p in named]
         self._loaded = None
         return True
 
@@ -131,7 +137,8 @@ class EMA(pl.Callback):
     def update(self, pl_module: pl.LightningModule) -> None:
         """One EMA step: ema = lerp(ema, param, 1 - decay) (decay warmed up if ``warmup``)."""
         self._ensure_ready(pl_module)
-        torch._foreach_lerp_(self.shadow, self._params(pl_module), 1.0 - self.current_decay())
+        params = [p.to(s.dtype) for p, s in zip(self._params(pl_module), self.shadow, strict=True)]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.current_decay())
         self.num_updates += 1
 
     def current_decay(self) -> float:
