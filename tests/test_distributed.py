@@ -170,6 +170,7 @@ def fit(
     ckpt_path: Path | None = None,
     callbacks: list[pl.Callback] | None = None,
     max_skipped: int = 20,
+    clip: float | None = None,
 ) -> tuple[pl.Trainer, PerSampleTeacher]:
     """Train the tiny teacher with an EMA (decay 0.8) and a NonFiniteGuard, batch 4 in all."""
     module = module or tiny_teacher()
@@ -185,6 +186,7 @@ def fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        gradient_clip_val=clip,
     )
     trainer.fit(module, Latents(GLOBAL_BATCH // devices), ckpt_path=ckpt_path)
     return trainer, module
@@ -368,3 +370,25 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"stop{r}.pt") for r in range(WORLD)]
     assert ranks[0]["step"] == ranks[1]["step"] == 3
     assert_close(ranks[0], ranks[1], rtol=0, atol=0)
+
+
+# --- gradient clipping under FSDP ---------------------------------------------------------------
+
+
+def _fsdp_clipped(rank: int, out: Path) -> None:
+    trainer, _ = fit("fsdp", 3, WORLD, clip=0.01)
+    trainer.save_checkpoint(out / "clipped.ckpt")  # full state dict, gathered (collective)
+
+
+def test_norm_clipping_under_fsdp_equals_one_process(tmp_path):
+    """Trainer.gradient_clip_val under FSDP clips the norm over every rank's shards (Lightning's
+    FSDP precision plugin alone refuses norm clipping)."""
+    on_two_ranks(_fsdp_clipped, tmp_path)
+    state = load_checkpoint(tmp_path / "clipped.ckpt")["state_dict"]
+    sharded = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+    _, single = fit("auto", 3, 1, clip=0.01)
+    _, unclipped = fit("auto", 3, 1)
+    assert_close(sharded, weights(single), rtol=1e-5, atol=5e-6)
+    clipped_moved = [torch.allclose(a, b) for a, b in zip(
+        weights(single).values(), weights(unclipped).values(), strict=True)]  # fmt: skip
+    assert not all(clipped_moved)  # the clip was active

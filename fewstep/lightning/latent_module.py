@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from fewstep.lightning.fsdp_params import fsdp_root
 from fewstep.lightning.sampling import NullText, datamodule_null_text, frozen_vae
 from fewstep.models.vae import VAE
 from fewstep.utils.seeding import mix_seed
@@ -60,3 +61,24 @@ class LatentDiffusionModule(pl.LightningModule):
         micro = batch_idx % max(self.trainer.accumulate_grad_batches, 1)
         seed = mix_seed(self.seed, self.global_step, self.global_rank, micro)
         return torch.Generator(device=device).manual_seed(seed)
+
+    def clip_all_gradients(
+        self, optimizer: torch.optim.Optimizer, value: float, algorithm: str | None
+    ) -> None:
+        """Clip like ``clip_gradients``; under FSDP by the root's ``clip_grad_norm_`` (the norm
+        over every rank's shards; Lightning's FSDP precision plugin refuses norm clipping)."""
+        root = fsdp_root(self.trainer.strategy.model) if self._trainer is not None else None
+        if root is not None and (algorithm or "norm") == "norm":
+            root.clip_grad_norm_(value)
+        else:
+            self.clip_gradients(optimizer, value, algorithm)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Trainer.gradient_clip_val clipping, FSDP included (``clip_all_gradients``)."""
+        if gradient_clip_val:
+            self.clip_all_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -340,12 +340,12 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         val = gradient_clip_val if gradient_clip_val is not None else self.gradient_clip_val
         algorithm = gradient_clip_algorithm or self.gradient_clip_algorithm
         if val:
-            self.clip_gradients(optimizer, val, algorithm)
+            self.clip_all_gradients(optimizer, val, algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Manual mode: clip each optimiser's gradients (called after AMP unscaling)."""
         if not self.automatic_optimization and self.gradient_clip_val:
-            self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+            self.clip_all_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         """Student optimiser (+ the method's discriminator optimiser), per-step schedulers."""
