@@ -295,3 +295,16 @@ def couplings_args(
         "--progress=false",
         *extra,
     ]
+
+
+def resolved_config(capsys: Any, *paths: Path) -> dict[str, Any]:
+    """``fewstep fit -c p1 -c p2 ... --print_config`` as a dict (the CLI's own layering)."""
+    from fewstep.cli import run
+
+    capsys.readouterr()
+    layered = [arg for path in paths for arg in ("-c", str(path))]
+    try:
+        run(["fit", *layered, "--print_config"])
+    except SystemExit as stop:
+        assert stop.code in (0, None), f"--print_config failed for {paths}"
+    return yaml.safe_load(capsys.readouterr().out)

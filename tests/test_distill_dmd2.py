@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config
+from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config, resolved_config
 from test_distill_ladd import grads, tiny_batch, tiny_models
 from test_flux_methods import tiny_flux_models
 from test_resume_exact import _check_resume, _student_config
@@ -375,9 +374,7 @@ def test_dmd2_resumes_exactly_mid_epoch_with_the_gan_head(tiny_teacher, tmp_path
 def test_gpu_overlay_resolves_and_runs(tiny_teacher, tmp_path, capsys):
     base = cpu_student_config(CONFIG, tiny_teacher, tmp_path)
     layered = ["-c", str(base), "-c", str(GPU_OVERLAY)]
-    with pytest.raises(SystemExit):
-        run(["fit", *layered, "--print_config"])
-    resolved = yaml.safe_load(capsys.readouterr().out)
+    resolved = resolved_config(capsys, base, GPU_OVERLAY)
     model, trainer = resolved["model"]["init_args"], resolved["trainer"]
     assert model["teacher_config"] == "configs/teacher/shapes_gpu.yaml" and model["use_teacher_ema"]
     assert resolved["data"]["init_args"]["batch_size"] == 128

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config
+from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config, resolved_config
 from test_distill_consistency import Oracle
 from test_distill_ladd import grads, tiny_batch, tiny_models
 from test_resume_exact import _check_resume, _student_config
@@ -372,10 +372,7 @@ def _tiny_args(tiny: TinyTeacher, tmp_path: Path) -> list[str]:
 def test_gpu_overlay_resolves_to_gpu_sizes(tiny_teacher, tmp_path, capsys):
     """scm_shapes_gpu.yaml layered on scm_shapes.yaml (tests/test_configs.py runs it)."""
     base = cpu_student_config(CONFIG, tiny_teacher, tmp_path)
-    layered = ["-c", str(base), "-c", str(GPU_OVERLAY)]
-    with pytest.raises(SystemExit):
-        run(["fit", *layered, "--print_config"])
-    resolved = yaml.safe_load(capsys.readouterr().out)
+    resolved = resolved_config(capsys, base, GPU_OVERLAY)
     model, trainer = resolved["model"]["init_args"], resolved["trainer"]
     assert model["teacher_config"] == "configs/teacher/shapes_gpu.yaml" and model["use_teacher_ema"]
     assert resolved["data"]["init_args"]["batch_size"] == 128
@@ -390,9 +387,7 @@ def test_ladd_overlay_resolves_and_runs(tiny_teacher, tmp_path, capsys):
     overlay = tmp_path / "scm_ladd_overlay.yaml"
     overlay.write_text(yaml.safe_dump(LADD_OVERLAY))
     layered = ["-c", str(base), "-c", str(overlay)]
-    with pytest.raises(SystemExit):
-        run(["fit", *layered, "--print_config"])
-    method = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["method"]["init_args"]
+    method = resolved_config(capsys, base, overlay)["model"]["init_args"]["method"]["init_args"]
     assert (
         method["ladd"]["class_path"] == "fewstep.distill.ladd.LADD" and method["ladd_weight"] == 0.5
     )
