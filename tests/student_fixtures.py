@@ -308,3 +308,19 @@ def resolved_config(capsys: Any, *paths: Path) -> dict[str, Any]:
     except SystemExit as stop:
         assert stop.code in (0, None), f"--print_config failed for {paths}"
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def tiny_teacher_args(tiny: TinyTeacher, tmp_path: Path) -> list[str]:
+    """CLI overrides running a (layered) student config on the tiny teacher, on CPU, one batch."""
+    model = {"teacher_config": tiny.config, "teacher_ckpt": tiny.ckpt, "vae_path": tiny.vae}
+    return [
+        *[f"--model.init_args.{key}={value}" for key, value in model.items()],
+        f"--data.init_args.path={tiny.cache}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.val_fraction=0.25",
+        "--data.init_args.num_workers=0",
+        "--trainer.precision=32-true",
+        "--trainer.accelerator=cpu",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.fast_dev_run=true",
+    ]

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config, resolved_config
+from student_fixtures import (
+    TinyTeacher,
+    build_tiny_teacher,
+    cpu_student_config,
+    resolved_config,
+    tiny_teacher_args,
+)
 from test_distill_ladd import grads, tiny_batch, tiny_models
 from test_flux_methods import tiny_flux_models
 from test_resume_exact import _check_resume, _student_config
@@ -380,26 +386,4 @@ def test_gpu_overlay_resolves_and_runs(tiny_teacher, tmp_path, capsys):
     assert resolved["data"]["init_args"]["batch_size"] == 128
     assert trainer["precision"] == "bf16-mixed" and trainer["max_steps"] == 24000
     assert model["method"]["init_args"]["fake_steps_per_generator_step"] == 5  # from the base
-    tiny = [
-        f"--model.init_args.{key}={value}"
-        for key, value in [
-            ("teacher_config", tiny_teacher.config),
-            ("teacher_ckpt", tiny_teacher.ckpt),
-            ("vae_path", tiny_teacher.vae),
-        ]
-    ]
-    run(
-        [
-            "fit",
-            *layered,
-            *tiny,
-            f"--data.init_args.path={tiny_teacher.cache}",
-            "--data.init_args.batch_size=4",
-            "--data.init_args.val_fraction=0.25",
-            "--data.init_args.num_workers=0",
-            "--trainer.precision=32-true",
-            "--trainer.accelerator=cpu",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.fast_dev_run=true",
-        ]
-    )
+    run(["fit", *layered, *tiny_teacher_args(tiny_teacher, tmp_path)])

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from student_fixtures import TinyTeacher, build_tiny_teacher, cpu_student_config, resolved_config
+from student_fixtures import (
+    TinyTeacher,
+    build_tiny_teacher,
+    cpu_student_config,
+    resolved_config,
+    tiny_teacher_args,
+)
 from test_distill_consistency import Oracle
 from test_distill_ladd import grads, tiny_batch, tiny_models
 from test_resume_exact import _check_resume, _student_config
@@ -353,22 +359,6 @@ def test_scm_resumes_exactly_with_the_adaptive_weight(tiny_teacher, tmp_path):
     assert len(saved["optimizer_states"]) == 2
 
 
-def _tiny_args(tiny: TinyTeacher, tmp_path: Path) -> list[str]:
-    """CLI overrides running a layered config on the tiny teacher, on CPU."""
-    model = {"teacher_config": tiny.config, "teacher_ckpt": tiny.ckpt, "vae_path": tiny.vae}
-    return [
-        *[f"--model.init_args.{key}={value}" for key, value in model.items()],
-        f"--data.init_args.path={tiny.cache}",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.val_fraction=0.25",
-        "--data.init_args.num_workers=0",
-        "--trainer.precision=32-true",
-        "--trainer.accelerator=cpu",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.fast_dev_run=true",
-    ]
-
-
 def test_gpu_overlay_resolves_to_gpu_sizes(tiny_teacher, tmp_path, capsys):
     """scm_shapes_gpu.yaml layered on scm_shapes.yaml (tests/test_configs.py runs it)."""
     base = cpu_student_config(CONFIG, tiny_teacher, tmp_path)
@@ -392,4 +382,4 @@ def test_ladd_overlay_resolves_and_runs(tiny_teacher, tmp_path, capsys):
         method["ladd"]["class_path"] == "fewstep.distill.ladd.LADD" and method["ladd_weight"] == 0.5
     )
     assert method["adaptive_weighting"] and method["tangent"] == "jvp"
-    run(["fit", *layered, *_tiny_args(tiny_teacher, tmp_path)])
+    run(["fit", *layered, *tiny_teacher_args(tiny_teacher, tmp_path)])
