@@ -11,6 +11,8 @@ from typing import Any
 
 from fewstep.data.prompts import CATEGORIES
 from fewstep.report.images import _plot_points, extract_grids, plot_score_vs_nfe, teacher_cfg_grids
+from fewstep.report.methods import method_table
+from fewstep.report.methods_md import methods_markdown, write_methods_table
 from fewstep.report.summary import (
     DASH,
     FAITHFUL_MAX,
@@ -231,6 +233,13 @@ def _images(
     }
 
 
+def _method_order(results: dict[str, Any]) -> list[str] | None:
+    """The methods the demo was asked for, in order (None: as recorded)."""
+    stage = results.get("student")
+    order = stage.get("methods_order") if isinstance(stage, dict) else None
+    return [str(m) for m in order] if isinstance(order, list) else None
+
+
 def build_report(
     run_dir: Path,
     results: dict[str, Any],
@@ -245,6 +254,7 @@ def build_report(
         "teacher": teacher_summary(results),
         "comparison": comp,
         "bar": bar_verdict(comp),
+        "methods": method_table(results, _method_order(results)),
         "images": _images(run_dir, comp, student_log_dir, teacher_log_dir),
     }
 
@@ -260,6 +270,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         _vae_md(report["vae"]),
         _teacher_md(report["teacher"]),
         _compare_md(report["comparison"], report["bar"]),
+        methods_markdown(report["methods"]),
         _images_md(report["images"], steps),
     ]
     return "\n\n".join("\n".join(s) for s in sections).rstrip() + "\n"
@@ -276,6 +287,7 @@ def write_report(
     run_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(run_dir, results, student_log_dir, teacher_log_dir)
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_methods_table(run_dir, report["methods"])
     path = run_dir / "report.md"
     write_text_atomic(path, render_markdown(report))
     return path

@@ -243,8 +243,13 @@ def _key_figure(name: str, stage: dict[str, Any], results: dict[str, Any]) -> st
 
 
 def _method(stage: dict[str, Any]) -> str:
-    """``"<method>: "`` when the student stage recorded its distillation method."""
-    return f"{stage['method']}: " if isinstance(stage.get("method"), str) else ""
+    """``"<method>: "`` when the student stage recorded its distillation method (and the other
+    methods it ran: ``"ladd (of lcm, ladd): "``)."""
+    if not isinstance(stage.get("method"), str):
+        return ""
+    methods = stage.get("methods")
+    others = list(methods) if isinstance(methods, dict) and len(methods) > 1 else []
+    return f"{stage['method']} (of {', '.join(others)}): " if others else f"{stage['method']}: "
 
 
 def _student_figure(comp: dict[str, Any]) -> str:
