@@ -45,3 +45,29 @@ def test_bad_arguments_name_the_fields():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupStableDecay(optimizer, total_steps=10, warmup_steps=10)
+
+
+def test_cooldown_fork_decays_from_the_checkpoint_step_to_zero():
+    """bench/wsd_cooldown_fork.py: a stable-phase state resumed as a cosine over [step, step+n]."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "wsd_cooldown_fork.py"
+    spec = importlib.util.spec_from_file_location("wsd_cooldown_fork", path)
+    fork = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fork)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    scheduler = WarmupStableDecay(optimizer, total_steps=1000, warmup_steps=10)
+    for _ in range(300):
+        optimizer.step()
+        scheduler.step()
+    state = fork.cooldown_state(scheduler.state_dict(), step=300, steps=40)
+    scheduler.load_state_dict(state)
+    lrs = []
+    for _ in range(41):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.5 * 0.5 * (1 + math.cos(math.pi * i / 40)) for i in range(41)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
