@@ -4,6 +4,14 @@ Stages write under the profile's run folder (``runs/demo/`` for the 2-core CPU d
 ``runs/shapes128/`` for ``FEWSTEP_DEMO_PROFILE=gpu``, the GPU-sized recipe); a rerun reuses
 finished stages (their recorded figures) and resumes an interrupted training stage from its
 ``last.ckpt``. ``FEWSTEP_DEMO_STAGES=shapes,vae`` runs (again) just those stages.
+
+``FEWSTEP_DEMO_STUDENT`` names the distillation method(s): one (default ``ladd``), a comma list
+(``lcm,ladd,dmd2``) or ``all``; each is distilled and validated in turn from the same teacher on
+the same prompts and noise, each reused once finished, and the report compares them.
+``FEWSTEP_DEMO_TEACHER=<shipped folder>`` (written by ``fewstep ship``; checked against its
+sha256 manifest) distils that teacher instead of training one: the cache is encoded with its
+VAE, the teacher stage only validates it, and every student loads it. ``train`` (the default,
+``DEFAULT_TEACHER``) trains the VAE and teacher from scratch.
 """
 
 from __future__ import annotations
@@ -20,8 +28,12 @@ import torch
 import yaml
 
 from fewstep.utils.atomic import write_text_atomic
+from fewstep.utils.manifest import MANIFEST, ShippedModelError, sha256_file, verify_shipped
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAIN = "train"  # FEWSTEP_DEMO_TEACHER value: train the VAE and the teacher from scratch
+DEFAULT_TEACHER = TRAIN  # the shipped reference, once committed: str(ASSETS / "<its folder>")
+SHIPPED_TEACHER_YAML = "teacher.yaml"  # fewstep.tools.ship.TEACHER_YAML
 
 
 @dataclass(frozen=True)
@@ -31,10 +43,11 @@ class Profile:
     run_dir: Path
     resolution: int
     suffix: str = ""
+    configs_dir: Path = CONFIGS
 
     def config(self, name: str) -> Path:
         """``configs/<name><suffix>.yaml``, e.g. ``configs/vae/shapes_gpu.yaml`` for gpu."""
-        return CONFIGS / f"{name}{self.suffix}.yaml"
+        return self.configs_dir / f"{name}{self.suffix}.yaml"
 
     def configs(self, name: str) -> list[Path]:
         """The ``-c`` chain of stage ``name``: ``config(name)``, preceded by the base
@@ -43,7 +56,7 @@ class Profile:
         raw = yaml.safe_load(path.read_text()) or {}
         model = raw.get("model")
         overlay = isinstance(model, dict) and "class_path" not in model
-        return [CONFIGS / f"{name}.yaml", path] if overlay and self.suffix else [path]
+        return [self.configs_dir / f"{name}.yaml", path] if overlay and self.suffix else [path]
 
     @property
     def results(self) -> Path:
@@ -84,27 +97,38 @@ def _config_args(configs: Path | list[Path]) -> list[str]:
     return [arg for path in chain for arg in ("-c", str(path))]
 
 
-def _fit_once(config: Path | list[Path], log_dir: Path) -> dict[str, float]:
-    """``fewstep fit`` unless ``log_dir/FINISHED`` says it finished; resumes from last.ckpt.
-    Validation is left to ``_validate_metrics`` (run once, after the fit). Returns
-    ``{"reused_fit_seconds": s}`` when an earlier fit was reused (its time, if recorded)."""
+def _fit_once(
+    config: Path | list[Path], log_dir: Path, extra: list[str] | None = None
+) -> dict[str, float]:
+    """``fewstep fit`` (+ ``extra`` overrides) unless ``log_dir/FINISHED`` says it finished;
+    resumes from last.ckpt. Validation is left to ``_validate_metrics`` (run once, after the
+    fit). Returns ``{"reused_fit_seconds": s}`` when an earlier fit was reused (its time, if
+    recorded)."""
     done = log_dir / "FINISHED"
     if done.is_file():
-        try:
-            return {"reused_fit_seconds": float(json.loads(done.read_text())["fit_seconds"])}
-        except (ValueError, KeyError, TypeError):
-            return {"reused_fit_seconds": 0.0}  # finished by an older fewstep: time unknown
+        return {"reused_fit_seconds": _fit_seconds(log_dir)}
     start = time.time()
     no_val = ["--trainer.limit_val_batches", "0"]
-    _cli(["fit", *_config_args(config), *no_val, *_last_checkpoint(log_dir)])
+    _cli(["fit", *_config_args(config), *(extra or []), *no_val, *_last_checkpoint(log_dir)])
     done.write_text(json.dumps({"fit_seconds": round(time.time() - start, 1)}) + "\n")
     return {}
 
 
-def _validate_metrics(config: Path | list[Path], log_dir: Path) -> dict[str, float]:
-    """``fewstep validate`` of ``log_dir``'s last checkpoint; the logged metrics."""
-    last = log_dir / "checkpoints" / "last.ckpt"
-    cli = _cli(["validate", *_config_args(config), "--ckpt_path", str(last)])
+def _fit_seconds(log_dir: Path) -> float:
+    """The fit time ``log_dir/FINISHED`` records (0 when finished by an older fewstep)."""
+    try:
+        return float(json.loads((log_dir / "FINISHED").read_text())["fit_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _validate_metrics(
+    config: Path | list[Path], log_dir: Path | None, extra: list[str] | None = None
+) -> dict[str, float]:
+    """``fewstep validate`` (+ ``extra`` overrides) of ``log_dir``'s last checkpoint (None: the
+    model as the config builds it, e.g. a shipped teacher); the logged metrics."""
+    ckpt = ["--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt")] if log_dir else []
+    cli = _cli(["validate", *_config_args(config), *(extra or []), *ckpt])
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
@@ -119,6 +143,67 @@ def _save_results(results: dict[str, Any]) -> None:
     write_text_atomic(active_profile().results, json.dumps(results, indent=2))
 
 
+# --- the teacher: trained here, or shipped ------------------------------------------------------
+
+
+def shipped_teacher() -> Path | None:
+    """The shipped teacher folder named by ``FEWSTEP_DEMO_TEACHER`` (None: ``train``)."""
+    raw = os.environ.get("FEWSTEP_DEMO_TEACHER", DEFAULT_TEACHER)
+    return None if raw == TRAIN else Path(raw)
+
+
+def check_shipped(folder: Path) -> dict[str, Any]:
+    """The manifest of shipped teacher ``folder`` after checking every file's sha256; one clear
+    error (naming the file) when it is not a shipped teacher or a file changed."""
+    env = f"FEWSTEP_DEMO_TEACHER={folder}"
+    if not (folder / MANIFEST).is_file() or not (folder / SHIPPED_TEACHER_YAML).is_file():
+        raise SystemExit(
+            f"{env}: not a shipped teacher (no {MANIFEST} and {SHIPPED_TEACHER_YAML}); make one "
+            f"with `fewstep ship`, or set FEWSTEP_DEMO_TEACHER={TRAIN} to train one"
+        )
+    try:
+        manifest = verify_shipped(folder)
+    except ShippedModelError as err:
+        raise SystemExit(f"{env}: {err}") from None
+    if manifest is None:
+        raise SystemExit(f"{env}: {folder / MANIFEST} is not a fewstep shipped-model manifest")
+    return manifest
+
+
+def teacher_source() -> str:
+    """What the demo distils, as recorded in results.json: ``train`` or ``shipped:<folder>
+    sha256:<manifest's sha256>`` (a changed teacher is another demo)."""
+    folder = shipped_teacher()
+    if folder is None:
+        return TRAIN
+    return f"shipped:{folder.resolve()} sha256:{sha256_file(folder / MANIFEST)[:16]}"
+
+
+def _teacher_overrides() -> list[str]:
+    """Student overrides loading the shipped teacher (none when it is trained here)."""
+    folder = shipped_teacher()
+    if folder is None:
+        return []
+    return [
+        f"--model.init_args.teacher_config={folder / SHIPPED_TEACHER_YAML}",
+        "--model.init_args.teacher_ckpt=null",
+        f"--model.init_args.vae_path={folder / 'vae'}",
+    ]
+
+
+def _teacher_key() -> str:
+    """Identifies the teacher students are distilled from (their reused figures must match)."""
+    folder = shipped_teacher()
+    if folder is not None:
+        return teacher_source()
+    ckpt = active_profile().run_dir / "teacher" / "checkpoints" / "last.ckpt"
+    stat = ckpt.stat() if ckpt.is_file() else None
+    return f"{TRAIN}:{stat.st_size}:{stat.st_mtime_ns}" if stat else TRAIN
+
+
+# --- stages --------------------------------------------------------------------------------------
+
+
 def stage_shapes() -> dict[str, Any]:
     """Render a captioned grid of the shapes world and score ground-truth renders."""
     from fewstep.tools.shapes_preview import preview
@@ -127,22 +212,33 @@ def stage_shapes() -> dict[str, Any]:
     return preview(out=str(profile.run_dir / "shapes"), resolution=profile.resolution)
 
 
+def _vae_dir() -> Path:
+    """The VAE of the demo: the shipped teacher's, or the one trained under the run folder."""
+    folder = shipped_teacher()
+    return folder / "vae" if folder is not None else active_profile().run_dir / "vae"
+
+
 def stage_vae() -> dict[str, Any]:
-    """Train the VAE (configs/vae/shapes.yaml; exports <run>/vae) and measure its semantic
-    fidelity: scorer accuracy on reconstructions of held-out renders (issue bar >= 95%)."""
+    """Train the VAE (configs/vae/shapes.yaml; exports <run>/vae), or take the shipped teacher's,
+    and measure its semantic fidelity: scorer accuracy on reconstructions of held-out renders
+    (issue bar >= 95%)."""
     from fewstep.data.shapes import ShapesWorld
     from fewstep.eval.reconstruction import reconstruction_geneval
     from fewstep.models.vae import VAE
 
     profile = active_profile()
-    vae_dir = profile.run_dir / "vae"
+    vae_dir = _vae_dir()
     if not (vae_dir / "config.json").is_file():
         config = profile.config("vae/shapes")
         _cli(["fit", "-c", str(config), *_last_checkpoint(profile.run_dir / "vae_training")])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = VAE.from_pretrained(vae_dir).eval().to(device)
     held_out = ShapesWorld(size=600, resolution=profile.resolution, seed=123)
-    return {"reconstruction_geneval": reconstruction_geneval(vae, held_out, num_samples=600)}
+    shipped = {"shipped": str(vae_dir)} if shipped_teacher() is not None else {}
+    return {
+        "reconstruction_geneval": reconstruction_geneval(vae, held_out, num_samples=600),
+        **shipped,
+    }
 
 
 def stage_cache() -> dict[str, Any]:
@@ -150,20 +246,35 @@ def stage_cache() -> dict[str, Any]:
     from fewstep.data.cache import read_manifest
 
     profile = active_profile()
-    _cli(["cache", "-c", str(profile.config("cache/shapes"))])
+    vae = ["--vae.init_args.pretrained_path", str(_vae_dir())] if shipped_teacher() else []
+    _cli(["cache", "-c", str(profile.config("cache/shapes")), *vae])
     manifest = read_manifest(profile.run_dir / "cache")
     return {"samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 
 
+SHIPPED_FIGURES = ("score", "global_step", "train_seconds", "steps", "seconds")
+
+
 def stage_teacher() -> dict[str, Any]:
-    """Train the teacher (configs/teacher/shapes.yaml), then validate it with the scorer."""
+    """Train the teacher (configs/teacher/shapes.yaml), or take the shipped one, then validate
+    it with the scorer."""
     profile = active_profile()
-    config, log_dir = profile.config("teacher/shapes"), profile.run_dir / "teacher"
-    reused = _fit_once(config, log_dir)
-    return {"validate": _validate_metrics(config, log_dir), **reused}
+    configs, log_dir = profile.configs("teacher/shapes"), profile.run_dir / "teacher"
+    folder = shipped_teacher()
+    if folder is None:
+        reused = _fit_once(configs, log_dir)
+        metrics = _validate_metrics(configs, log_dir)
+        return {"validate": metrics, "fit_seconds": _fit_seconds(log_dir), **reused}
+    manifest = check_shipped(folder)
+    metrics = _validate_metrics([*configs, folder / SHIPPED_TEACHER_YAML], None)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(log_dir / "SHIPPED", teacher_source() + "\n")
+    figures = {k: manifest[k] for k in SHIPPED_FIGURES if k in manifest}
+    fit = {"fit_seconds": manifest["train_seconds"]} if "train_seconds" in manifest else {}
+    return {"validate": metrics, "shipped": str(folder), "manifest": figures, **fit}
 
 
-STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: ladd, the best)
+STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method(s) (default: ladd, the best)
     "lcm": ("student/lcm_shapes", "student_lcm"),
     "reflow": ("student/reflow_shapes", "student_reflow"),
     "ladd": ("student/ladd_shapes", "student_ladd"),
@@ -172,33 +283,155 @@ STUDENTS = {  # FEWSTEP_DEMO_STUDENT picks the distillation method (default: lad
     "progressive": ("student/progressive_shapes", "student_progressive"),
     "guidance": ("student/guidance_shapes", "student_guidance"),
 }
+DEFAULT_STUDENT = "ladd"
 COUPLINGS = "student/reflow_couplings_shapes"  # the reflow student's teacher couplings
+VALIDATED = "VALIDATED.json"  # a student's validation figures, reused on a rerun
+REFERENCE_STUDENT = "ladd"  # validates on the cache: its data section is every student's
+
+
+def student_methods() -> list[str]:
+    """The methods named by ``FEWSTEP_DEMO_STUDENT``: one, a comma list, or ``all``."""
+    raw = os.environ.get("FEWSTEP_DEMO_STUDENT", DEFAULT_STUDENT)
+    names = list(STUDENTS) if raw.strip() == "all" else [n.strip() for n in raw.split(",")]
+    names = list(dict.fromkeys(n for n in names if n))
+    unknown = [n for n in names if n not in STUDENTS]
+    if unknown or not names:
+        raise SystemExit(
+            f"FEWSTEP_DEMO_STUDENT={raw!r}: choose one of {sorted(STUDENTS)}, a comma list of "
+            "them, or 'all'"
+        )
+    return names
 
 
 def student_method() -> str:
-    """The distillation method named by ``FEWSTEP_DEMO_STUDENT`` (default ``ladd``)."""
-    name = os.environ.get("FEWSTEP_DEMO_STUDENT", "ladd")
-    if name not in STUDENTS:
-        raise SystemExit(f"FEWSTEP_DEMO_STUDENT={name!r}: choose one of {sorted(STUDENTS)}")
-    return name
+    """The method whose grids and score-vs-NFE plot the report shows (ladd when asked for)."""
+    names = student_methods()
+    return DEFAULT_STUDENT if DEFAULT_STUDENT in names else names[0]
 
 
-def stage_student() -> dict[str, Any]:
-    """Distill the teacher into a 1-4 step student, then evaluate it side by side with the
-    teacher (same prompts and noise): scores, fidelity to the teacher, NFE, ms per image."""
-    name = student_method()
+def _merged_config(configs: list[Path]) -> dict[str, Any]:
+    """A ``-c`` chain as one dict (mappings merged key by key, as the CLI layers them)."""
+
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in over.items():
+            both = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if both else value
+        return out
+
+    merged: dict[str, Any] = {}
+    for path in configs:
+        merged = merge(merged, yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+def _data_args(config: dict[str, Any]) -> dict[str, Any]:
+    """A fit config's ``data.init_args``."""
+    data = config.get("data") or {}
+    return dict(data.get("init_args") or {})
+
+
+def _reflow_on_cache(log_dir: Path) -> tuple[list[str], str]:
+    """Validate the reflow student on the cache's held-out prompts and noise, as every other
+    student (its own data are couplings, whose held-out prompts differ): a ``-c`` overlay with
+    the reference student's data section, and a note counting the held-out (prompt, noise)
+    pairs that were among its training couplings (their noise is the validation noise)."""
+    from fewstep.data.cache import read_manifest
+    from fewstep.data.datamodule import split_indices
+
+    profile = active_profile()
+    data = _merged_config(profile.configs(STUDENTS[REFERENCE_STUDENT][0]))["data"]
+    overlay = log_dir / "validate_on_cache.yaml"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(overlay, yaml.safe_dump({"data": data}, sort_keys=False))
+    cache, couplings = _data_args({"data": data}), _merged_config([profile.config(COUPLINGS)])
+    reflow = _data_args(_merged_config(profile.configs(STUDENTS["reflow"][0])))
+    size = read_manifest(profile.run_dir / "cache")["num_samples"]
+    held_out = split_indices(size, cache["val_fraction"], cache.get("seed", 0))[1]
+    n = min(int(couplings["num_samples"]), size)
+    trained = split_indices(n, reflow["val_fraction"], reflow.get("seed", 0))[0]
+    seen = len(set(held_out.tolist()) & set(trained.tolist()))
+    note = (
+        f"validated on the cache's held-out prompts and noise like every method (its own data "
+        f"are teacher couplings); {seen} of those {len(held_out)} (prompt, noise) pairs were "
+        "among its training couplings. Training s includes sampling the couplings."
+    )
+    return ["-c", str(overlay)], note
+
+
+def _couplings(log_dir: Path) -> float:
+    """Make (or finish) the reflow couplings unless its fit finished; their total sampling time
+    so far, in seconds."""
+    record = log_dir / "couplings_seconds.json"
+    before = json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
+    if (log_dir / "FINISHED").is_file():
+        return before
+    start = time.time()
+    _cli(["couplings", "-c", str(active_profile().config(COUPLINGS))])
+    total = round(before + time.time() - start, 1)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(record, json.dumps({"seconds": total}) + "\n")
+    return total
+
+
+def _rerun_named() -> bool:
+    """Whether FEWSTEP_DEMO_STAGES names the student stage (then every method validates again)."""
+    return "student" in os.environ.get("FEWSTEP_DEMO_STAGES", "").split(",")
+
+
+def distil(name: str) -> dict[str, Any]:
+    """Distill the teacher with method ``name`` (fit reused once finished), then validate the
+    student beside the teacher on the shared prompts and noise; figures reused when recorded
+    for this fit and teacher."""
     profile = active_profile()
     config_name, log_name = STUDENTS[name]
     config, log_dir = profile.configs(config_name), profile.run_dir / log_name
+    saved = log_dir / VALIDATED
+    if (log_dir / "FINISHED").is_file() and saved.is_file() and not _rerun_named():
+        entry = json.loads(saved.read_text())
+        if entry.get("teacher") == _teacher_key():
+            return entry
+    saved.unlink(missing_ok=True)
+    extra, validate_extra, note = _teacher_overrides(), [], None
+    entry: dict[str, Any] = {"log_dir": str(log_dir)}
     if name == "reflow":
-        _cli(["couplings", "-c", str(profile.config(COUPLINGS))])
-    reused = _fit_once(config, log_dir)
-    metrics = _validate_metrics(config, log_dir)
-    return {"method": name, "log_dir": str(log_dir), "validate": metrics, **reused}
+        if shipped_teacher() is not None:
+            note = "not run: `fewstep couplings` needs a teacher checkpoint, not a shipped folder"
+            return {**entry, "note": note}
+        entry["extra_seconds"] = _couplings(log_dir)
+        validate_extra, note = _reflow_on_cache(log_dir)
+    reused = _fit_once(config, log_dir, extra)
+    metrics = _validate_metrics(config, log_dir, [*validate_extra, *extra])
+    entry |= {"validate": metrics, "fit_seconds": _fit_seconds(log_dir), **reused}
+    entry |= {"teacher": _teacher_key(), **({"note": note} if note else {})}
+    write_text_atomic(saved, json.dumps(entry, indent=2))
+    return entry
+
+
+def stage_student() -> dict[str, Any]:
+    """Distill the teacher into a 1-4 step student with each method asked for, then evaluate
+    each side by side with the teacher (same prompts and noise): scores, fidelity to the
+    teacher, NFE, ms per image."""
+    names, primary = student_methods(), student_method()
+    runs = {}
+    for name in names:
+        print(f"--- student {name} ({names.index(name) + 1}/{len(names)})", flush=True)
+        runs[name] = distil(name)
+    reused = [e["reused_fit_seconds"] for e in runs.values() if "reused_fit_seconds" in e]
+    main_run = runs[primary]
+    return {
+        "method": primary,
+        "log_dir": main_run["log_dir"],
+        "validate": main_run.get("validate", {}),
+        "methods": runs,
+        "methods_order": names,
+        **({"reused_fit_seconds": sum(reused)} if reused else {}),
+    }
 
 
 def stage_report() -> dict[str, Any]:
-    """Write <run>/report.md: tables, teacher-vs-student grids, score-vs-NFE plot."""
+    """Write <run>/report.md (and methods_table.md): tables, teacher-vs-student grids,
+    score-vs-NFE plot, the methods compared on the same teacher."""
     from fewstep.report import write_report
 
     run_dir = active_profile().run_dir
@@ -219,39 +452,67 @@ STAGES: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 def stage_output(name: str) -> Path | None:
-    """The file whose presence shows that stage ``name`` finished (None: the stage always runs)."""
+    """The file whose presence shows that stage ``name`` finished (None: the stage always runs;
+    the student stage's are its methods' FINISHED files, see ``reusable``)."""
+    shipped = shipped_teacher() is not None
     outputs = {
         "shapes": "shapes/scores.json",
         "vae": "vae/config.json",
         "cache": "cache/manifest.json",
-        "teacher": "teacher/FINISHED",
+        "teacher": "teacher/SHIPPED" if shipped else "teacher/FINISHED",
         "student": f"{STUDENTS[student_method()][1]}/FINISHED",
     }
+    if name == "vae" and shipped:
+        return _vae_dir() / "config.json"
     return active_profile().run_dir / outputs[name] if name in outputs else None
 
 
 def reusable(name: str, results: dict[str, Any]) -> bool:
     """Whether a full run may reuse stage ``name``: its figures are recorded (for the student,
-    those of the method asked for now) and its output is still there."""
+    those of every method asked for now) and its outputs are still there."""
     output = stage_output(name)
     if name not in results or output is None or not output.is_file():
         return False
-    return name != "student" or results[name].get("method") == student_method()
+    if name != "student":
+        return True
+    stage = results[name]
+    recorded = stage.get("methods") or {stage.get("method"): {}}
+    run_dir = active_profile().run_dir
+    return all(
+        m in recorded and (run_dir / STUDENTS[m][1] / "FINISHED").is_file()
+        for m in student_methods()
+    )
+
+
+def _check_teacher_source(results: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to mix demos of two teachers in one run folder (its cache, students and figures
+    belong to the teacher recorded there)."""
+    recorded, current = results.get("teacher_source", TRAIN), teacher_source()
+    if recorded != current and any(stage in results for stage in STAGES):
+        raise SystemExit(
+            f"{run_dir} holds the demo of teacher {recorded!r}, not {current!r} "
+            f"(FEWSTEP_DEMO_TEACHER): move it away first (mv {run_dir} {run_dir}_old)"
+        )
 
 
 def main() -> None:
     """Run the stages in order, printing what each did and wrote."""
     torch.set_float32_matmul_precision("high")
     profile = active_profile()
-    profile.run_dir.mkdir(parents=True, exist_ok=True)
     chosen = os.environ.get("FEWSTEP_DEMO_STAGES", ",".join(STAGES)).split(",")
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
         raise SystemExit(
             f"FEWSTEP_DEMO_STAGES: unknown stage(s) {unknown}; choose from {list(STAGES)}"
         )
+    student_methods()  # a bad FEWSTEP_DEMO_STUDENT fails now, not after the teacher
+    if (folder := shipped_teacher()) is not None:
+        check_shipped(folder)
+    profile.run_dir.mkdir(parents=True, exist_ok=True)
     explicit = "FEWSTEP_DEMO_STAGES" in os.environ  # named stages always run again
     results = _load_results()
+    _check_teacher_source(results, profile.run_dir)
+    results["teacher_source"] = teacher_source()
     start = time.time()
     ran = False  # once a stage runs, the stages after it (which read its output) run too
     for i, name in enumerate(chosen, 1):
