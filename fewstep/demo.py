@@ -110,6 +110,7 @@ def _fit_once(
     start = time.time()
     no_val = ["--trainer.limit_val_batches", "0"]
     _cli(["fit", *_config_args(config), *(extra or []), *no_val, *_last_checkpoint(log_dir)])
+    log_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"fit_seconds": round(time.time() - start, 1)}) + "\n")
     return {}
 
