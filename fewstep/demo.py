@@ -8,10 +8,12 @@ finished stages (their recorded figures) and resumes an interrupted training sta
 ``FEWSTEP_DEMO_STUDENT`` names the distillation method(s): one (default ``ladd``), a comma list
 (``lcm,ladd,dmd2``) or ``all``; each is distilled and validated in turn from the same teacher on
 the same prompts and noise, each reused once finished, and the report compares them.
-``FEWSTEP_DEMO_TEACHER=<shipped folder>`` (written by ``fewstep ship``; checked against its
-sha256 manifest) distils that teacher instead of training one: the cache is encoded with its
-VAE, the teacher stage only validates it, and every student loads it. ``train`` (the default,
-``DEFAULT_TEACHER``) trains the VAE and teacher from scratch.
+``FEWSTEP_DEMO_DATA=<image–caption folder>`` (ImageCaptionFolder format) runs the chain on
+that folder instead of the shapes world; without shapes specs the report shows distribution
+measures only. ``FEWSTEP_DEMO_TEACHER=<shipped folder>`` (written by ``fewstep ship``;
+checked against its sha256 manifest) distils that teacher instead of training one: the cache
+is encoded with its VAE, the teacher stage only validates it, and every student loads it.
+``train`` (the default, ``DEFAULT_TEACHER``) trains the VAE and teacher from scratch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN = "train"  # FEWSTEP_DEMO_TEACHER value: train the VAE and the teacher from scratch
 DEFAULT_TEACHER = TRAIN  # the shipped reference, once committed: str(ASSETS / "<its folder>")
 SHIPPED_TEACHER_YAML = "teacher.yaml"  # fewstep.tools.ship.TEACHER_YAML
+IMAGE_FOLDER = "fewstep.data.image_folder.ImageCaptionFolder"  # FEWSTEP_DEMO_DATA's format
 
 
 @dataclass(frozen=True)
@@ -202,14 +205,30 @@ def _teacher_key() -> str:
     return f"{TRAIN}:{stat.st_size}:{stat.st_mtime_ns}" if stat else TRAIN
 
 
+def data_folder() -> Path | None:
+    """The image–caption folder named by ``FEWSTEP_DEMO_DATA`` (None: the shapes world)."""
+    raw = os.environ.get("FEWSTEP_DEMO_DATA", "")
+    return Path(raw) if raw else None
+
+
+def _folder_dataset(folder: Path) -> str:
+    """The ImageCaptionFolder of ``folder`` at the profile's resolution, as a CLI value."""
+    init = {"root": str(folder), "resolution": active_profile().resolution}
+    return json.dumps({"class_path": IMAGE_FOLDER, "init_args": init})
+
+
 # --- stages --------------------------------------------------------------------------------------
 
 
 def stage_shapes() -> dict[str, Any]:
-    """Render a captioned grid of the shapes world and score ground-truth renders."""
+    """Render a captioned grid of the shapes world and score ground-truth renders (with
+    FEWSTEP_DEMO_DATA: count the folder's images instead)."""
+    from fewstep.data.image_folder import ImageCaptionFolder
     from fewstep.tools.shapes_preview import preview
 
     profile = active_profile()
+    if (folder := data_folder()) is not None:
+        return {"data": str(folder), "images": len(ImageCaptionFolder(folder))}
     return preview(out=str(profile.run_dir / "shapes"), resolution=profile.resolution)
 
 
@@ -229,9 +248,17 @@ def stage_vae() -> dict[str, Any]:
 
     profile = active_profile()
     vae_dir = _vae_dir()
+    folder = data_folder()
     if not (vae_dir / "config.json").is_file():
         config = profile.config("vae/shapes")
-        _cli(["fit", "-c", str(config), *_last_checkpoint(profile.run_dir / "vae_training")])
+        data = []
+        if folder is not None:  # train and check on the user's images
+            data = [
+                f"--data.init_args.{split}={_folder_dataset(folder)}" for split in ("train", "val")
+            ]
+        _cli(["fit", "-c", str(config), *data, *_last_checkpoint(profile.run_dir / "vae_training")])
+    if folder is not None:  # the reconstruction score needs shapes-world specs
+        return {"data": str(folder), "vae": str(vae_dir)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = VAE.from_pretrained(vae_dir).eval().to(device)
     held_out = ShapesWorld(size=600, resolution=profile.resolution, seed=123)
@@ -248,7 +275,9 @@ def stage_cache() -> dict[str, Any]:
 
     profile = active_profile()
     vae = ["--vae.init_args.pretrained_path", str(_vae_dir())] if shipped_teacher() else []
-    _cli(["cache", "-c", str(profile.config("cache/shapes")), *vae])
+    folder = data_folder()
+    data = ["--dataset", _folder_dataset(folder)] if folder is not None else []
+    _cli(["cache", "-c", str(profile.config("cache/shapes")), *vae, *data])
     manifest = read_manifest(profile.run_dir / "cache")
     return {"samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 
@@ -485,14 +514,21 @@ def reusable(name: str, results: dict[str, Any]) -> bool:
     )
 
 
-def _check_teacher_source(results: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to mix demos of two teachers in one run folder (its cache, students and figures
-    belong to the teacher recorded there)."""
-    recorded, current = results.get("teacher_source", TRAIN), teacher_source()
+def demo_source() -> str:
+    """The teacher and data of this demo, as results.json records them."""
+    data = data_folder()
+    return teacher_source() + (f" data:{data.resolve()}" if data is not None else "")
+
+
+def _check_source(results: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to mix demos of two teachers or data sets in one run folder (its cache, students
+    and figures belong to the ones recorded there)."""
+    recorded, current = results.get("source", TRAIN), demo_source()
     if recorded != current and any(stage in results for stage in STAGES):
         raise SystemExit(
-            f"{run_dir} holds the demo of teacher {recorded!r}, not {current!r} "
-            f"(FEWSTEP_DEMO_TEACHER): move it away first (mv {run_dir} {run_dir}_old)"
+            f"{run_dir} holds the demo of {recorded!r}, not of {current!r} "
+            f"(FEWSTEP_DEMO_TEACHER, FEWSTEP_DEMO_DATA): move it away first "
+            f"(mv {run_dir} {run_dir}_old)"
         )
 
 
@@ -512,8 +548,8 @@ def main() -> None:
     profile.run_dir.mkdir(parents=True, exist_ok=True)
     explicit = "FEWSTEP_DEMO_STAGES" in os.environ  # named stages always run again
     results = _load_results()
-    _check_teacher_source(results, profile.run_dir)
-    results["teacher_source"] = teacher_source()
+    _check_source(results, profile.run_dir)
+    results["source"] = demo_source()
     start = time.time()
     ran = False  # once a stage runs, the stages after it (which read its output) run too
     for i, name in enumerate(chosen, 1):

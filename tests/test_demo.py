@@ -17,8 +17,8 @@ from fewstep import demo
 def run_dir(tmp_path, monkeypatch):
     profile = dataclasses.replace(demo.PROFILES["cpu"], run_dir=tmp_path / "demo")
     monkeypatch.setitem(demo.PROFILES, "cpu", profile)
-    for name in ("FEWSTEP_DEMO_PROFILE", "FEWSTEP_DEMO_STAGES", "FEWSTEP_DEMO_STUDENT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("PROFILE", "STAGES", "STUDENT", "TEACHER", "DATA"):
+        monkeypatch.delenv(f"FEWSTEP_DEMO_{name}", raising=False)
     return tmp_path / "demo"
 
 

@@ -9,16 +9,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from student_fixtures import CONFIGS, PROCESSES, build_tiny_teacher, teacher_yaml
 
 from fewstep import demo
 from fewstep.cli import run
-from fewstep.data.cache import read_manifest
+from fewstep.data.cache import LatentCache, read_manifest
 from fewstep.lightning.checkpoints import load_teacher
-from fewstep.report.methods_md import METHODS_TABLE, TITLE
+from fewstep.report.methods_md import METHODS_TABLE, NO_SCORES, TITLE
 from fewstep.utils.fingerprint import weights_hash
 
 METHODS = ("lcm", "ladd")
@@ -108,6 +110,7 @@ def demo_on(tmp_path, monkeypatch, shipped):
     profile = dataclasses.replace(demo.PROFILES["cpu"], run_dir=run_dir, configs_dir=configs)
     monkeypatch.setitem(demo.PROFILES, "cpu", profile)
     monkeypatch.delenv("FEWSTEP_DEMO_PROFILE", raising=False)
+    monkeypatch.delenv("FEWSTEP_DEMO_DATA", raising=False)
     monkeypatch.setenv("FEWSTEP_DEMO_TEACHER", str(out))
     monkeypatch.setenv("FEWSTEP_DEMO_STUDENT", ",".join(METHODS))
     monkeypatch.setenv("FEWSTEP_DEMO_STAGES", "cache,teacher,student,report")
@@ -119,7 +122,7 @@ def test_demo_distils_the_shipped_teacher_and_compares_methods(demo_on, shipped)
     tiny, _ = shipped
     demo.main()
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["teacher_source"].startswith(f"shipped:{out.resolve()} sha256:")
+    assert results["source"].startswith(f"shipped:{out.resolve()} sha256:")
     # the cache was encoded by the shipped VAE (the configs name none that exists)
     cached_vae = read_manifest(run_dir / "cache")["vae"]["fingerprint"]
     assert cached_vae == read_manifest(tiny.cache)["vae"]["fingerprint"]
@@ -181,6 +184,37 @@ def test_a_folder_that_is_not_a_shipped_teacher_is_one_clear_error(demo_on, monk
 def test_a_run_folder_of_another_teacher_is_refused(demo_on, monkeypatch):
     run_dir, _ = demo_on
     run_dir.mkdir(parents=True)
-    (run_dir / "results.json").write_text(json.dumps({"teacher": {}, "teacher_source": "train"}))
-    with pytest.raises(SystemExit, match="holds the demo of teacher 'train'.*mv "):
+    (run_dir / "results.json").write_text(json.dumps({"teacher": {}, "source": "train"}))
+    with pytest.raises(SystemExit, match="holds the demo of .train., not of .shipped:.*mv "):
         demo.main()
+
+
+def image_folder(folder: Path, count: int = 24) -> Path:
+    """``count`` random 64 px images with captions (metadata.jsonl), no shapes-world specs."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"texture number {i % 5}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_demo_on_an_image_folder_reports_distribution_measures_only(demo_on, tmp_path, monkeypatch):
+    run_dir, _ = demo_on
+    folder = image_folder(tmp_path / "my_images")
+    monkeypatch.setenv("FEWSTEP_DEMO_DATA", str(folder))
+    monkeypatch.setenv("FEWSTEP_DEMO_STUDENT", "lcm")
+    monkeypatch.setenv("FEWSTEP_DEMO_STAGES", "shapes,cache,teacher,student,report")
+    demo.main()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["shapes"]["images"] == 24 and results["source"].endswith(f"data:{folder}")
+    cache = LatentCache(run_dir / "cache")
+    assert len(cache) == 24 and cache.read_records([3])[0]["caption"] == "texture number 3"
+    validate = results["student"]["methods"]["lcm"]["validate"]
+    assert not any("geneval" in k for k in validate)  # no specs: nothing to score
+    assert validate["val/student_1/fd_teacher"] >= 0 and validate["val/teacher/fd_data"] >= 0
+    table = (run_dir / METHODS_TABLE).read_text()
+    assert "prompt score ±" not in table and NO_SCORES in table
+    assert "| lcm | 1 | " in table and "| lcm | 1 | not run" not in table
