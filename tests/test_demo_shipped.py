@@ -218,3 +218,24 @@ def test_demo_on_an_image_folder_reports_distribution_measures_only(demo_on, tmp
     table = (run_dir / METHODS_TABLE).read_text()
     assert "prompt score ±" not in table and NO_SCORES in table
     assert "| lcm | 1 | " in table and "| lcm | 1 | not run" not in table
+
+
+def test_a_vae_trained_here_learns_the_folder_images(tmp_path, monkeypatch, capsys):
+    """FEWSTEP_DEMO_DATA with FEWSTEP_DEMO_TEACHER=train: the VAE fit reads the folder."""
+    folder = image_folder(tmp_path / "my_images", count=2)
+    profile = dataclasses.replace(demo.PROFILES["cpu"], run_dir=tmp_path / "demo")
+    monkeypatch.setitem(demo.PROFILES, "cpu", profile)
+    monkeypatch.delenv("FEWSTEP_DEMO_PROFILE", raising=False)
+    monkeypatch.setenv("FEWSTEP_DEMO_TEACHER", "train")
+    monkeypatch.setenv("FEWSTEP_DEMO_DATA", str(folder))
+    calls = []
+    monkeypatch.setattr(demo, "_cli", calls.append)
+    assert demo.stage_vae() == {"data": str(folder), "vae": str(tmp_path / "demo" / "vae")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run([*calls[0], "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    for split in ("train", "val"):
+        assert data[split]["class_path"] == demo.IMAGE_FOLDER
+        assert data[split]["init_args"]["root"] == str(folder)
+        assert data[split]["init_args"]["resolution"] == 64
