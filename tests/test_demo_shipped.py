@@ -151,6 +151,7 @@ def test_demo_distils_the_shipped_teacher_and_compares_methods(demo_on, shipped)
     report = (run_dir / "report.md").read_text()
     table = (run_dir / METHODS_TABLE).read_text()
     assert f"## {TITLE}" in report and table.strip() in report
+    assert f"shipped {out}: GenEval overall" in report  # the stage table names the teacher
     assert "| teacher (shipped) |" in table and "| lcm | 4 | not run |" in table
     assert "largest difference 0.000" in table
 

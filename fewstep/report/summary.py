@@ -227,7 +227,8 @@ def _teacher_figure(stage: dict[str, Any], results: dict[str, Any]) -> str:
     """The teacher's overall score and NFE."""
     teacher = teacher_summary(results) or {"geneval": {}, "nfe": None}
     overall, nfe = _fmt(teacher["geneval"].get("overall")), _fmt(teacher["nfe"], ".0f")
-    return f"GenEval overall {overall} at NFE {nfe}"
+    shipped = f"shipped {stage['shipped']}: " if isinstance(stage.get("shipped"), str) else ""
+    return f"{shipped}GenEval overall {overall} at NFE {nfe}"
 
 
 def _key_figure(name: str, stage: dict[str, Any], results: dict[str, Any]) -> str:
