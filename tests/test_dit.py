@@ -244,8 +244,9 @@ def test_small_presets_instantiate_and_run(path):
     assert out.shape == (2, net.out_channels, side, side)
 
 
-def test_flops_match_counter_and_scale_with_depth():
-    net = tiny(depth=3, hidden_size=64, num_heads=4)
+@pytest.mark.parametrize("refiner", [0, 2])
+def test_flops_match_counter_and_scale_with_depth(refiner):
+    net = tiny(depth=3, hidden_size=64, num_heads=4, text_refiner_depth=refiner)
     x, t, text, mask = inputs(net, (8, 12), batch=1, length=5)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         net(x, t, text, mask)

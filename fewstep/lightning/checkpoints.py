@@ -131,6 +131,42 @@ def load_trained(
     return module, ckpt, "raw" if state is None else "ema"
 
 
+def network_weights(ckpt_path: str | Path, ema: bool = True) -> dict[str, Any]:
+    """The ``network.`` weights of a teacher checkpoint, the EMA average in place when ``ema``
+    (an error if the checkpoint has none: nothing is substituted silently)."""
+    ckpt = load_checkpoint(ckpt_path)
+    prefix = "network."
+    weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"'{ckpt_path}' holds no network.* weights: is it a teacher checkpoint?")
+    if ema:
+        state = ema_state(ckpt)
+        if state is None:
+            raise ValueError(
+                f"'{ckpt_path}' has no EMA average; set init_weights_ema: false to start from "
+                "its raw weights."
+            )
+        weights.update(state["shadow"])
+    return weights
+
+
+def graft_weights(network: nn.Module, ckpt_path: str | Path, ema: bool = True) -> list[str]:
+    """Initialise ``network`` from a teacher checkpoint's weights. Every checkpoint weight must
+    fit (name and shape); parameters the checkpoint lacks keep their initialisation (e.g. a
+    zero-initialised module added to the trained network). Returns those parameters' names."""
+    weights = network_weights(ckpt_path, ema)
+    own = network.state_dict()
+    unknown = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
+    if unknown or wrong:
+        raise ValueError(
+            f"init_weights '{ckpt_path}' does not fit the network: unknown {unknown[:5]}, "
+            f"different shapes {wrong[:5]}; use a checkpoint of the same network configuration."
+        )
+    missing = network.load_state_dict(weights, strict=False).missing_keys
+    return sorted(missing)
+
+
 class TeacherMismatchError(RuntimeError):
     """The teacher weights differ from those the student checkpoint was distilled from."""
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -22,6 +23,7 @@ from fewstep.diffusion.samplers import DDIM, Sampler
 from fewstep.diffusion.schedules import DiscreteDDPM, NoiseProcess, RectifiedFlow
 from fewstep.diffusion.timesteps import LogitNormal, TimestepSampler, UniformDiscrete
 from fewstep.eval.geneval import ShapesGenEval, specs_of
+from fewstep.lightning.checkpoints import graft_weights
 from fewstep.lightning.eval_metrics import Metrics, ValidationMetrics
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
@@ -71,7 +73,11 @@ class TeacherModule(LatentDiffusionModule):
     sigma only the first C output channels are trained (no VLB term). Batches with ``cond`` (the
     pooled text vector) pass it to the network (Flux). A guidance-embedded network (FLUX.1-dev)
     is trained and sampled with ``guidance=guidance_scale`` (as diffusers' FLUX.1 fine-tuning
-    scripts feed their --guidance_scale) and costs one pass per step, not two."""
+    scripts feed their --guidance_scale) and costs one pass per step, not two.
+
+    ``init_weights`` (a teacher checkpoint) starts a fresh fit from its weights (its EMA average
+    with ``init_weights_ema``), e.g. to fine-tune a trained teacher with a zero-initialised
+    module added (``DiT.text_refiner_depth``); optimiser, schedule and EMA start anew."""
 
     def __init__(
         self,
@@ -89,6 +95,8 @@ class TeacherModule(LatentDiffusionModule):
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
         metrics: Metrics | None = None,
+        init_weights: str | None = None,
+        init_weights_ema: bool = True,
     ) -> None:
         super().__init__()
         objects = ["network", "process", "timestep_sampler", "sampler", "metrics"]
@@ -96,6 +104,9 @@ class TeacherModule(LatentDiffusionModule):
         if val_num_samples < 0:
             raise ValueError(f"TeacherModule: val_num_samples must be >= 0, got {val_num_samples}")
         self.network = network
+        if init_weights:  # a fresh fit starts from them; a resume then restores its checkpoint
+            new = graft_weights(network, init_weights, init_weights_ema)
+            rank_zero_info(f"init_weights: {init_weights}; new parameters: {new or 'none'}")
         self.process, self.prediction = process, prediction
         self.timestep_sampler = timestep_sampler or default_timestep_sampler(process)
         self.sampler = sampler if sampler is not None else DDIM(steps=20)  # validation sampler

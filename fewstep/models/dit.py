@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fewstep.models.text_refiner import TextRefiner
 from fewstep.models.token_features import TokenFeatures
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (PixArt-α / DiT)
@@ -210,10 +211,15 @@ class DiT(nn.Module):
         caption_projection: bool = True,
         guidance_embed: bool = False,
         caption_init_std: float = 0.02,
+        text_refiner_depth: int = 0,
+        text_refiner_max_tokens: int = 512,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
         sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
-        then starts near zero, which a larger value may help)."""
+        then starts near zero, which a larger value may help). ``text_refiner_depth`` > 0 adds a
+        ``TextRefiner`` (learned token positions + self-attention over the caption tokens,
+        identity at initialisation) between the caption projection and the cross-attentions;
+        0 is PixArt-Σ exactly."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
@@ -242,6 +248,8 @@ class DiT(nn.Module):
             caption_projection=caption_projection,
             guidance_embed=guidance_embed,
             caption_init_std=caption_init_std,
+            text_refiner_depth=text_refiner_depth,
+            text_refiner_max_tokens=text_refiner_max_tokens,
         )
         self.in_channels = in_channels
         self.patch_size = patch_size
@@ -265,6 +273,11 @@ class DiT(nn.Module):
         self.g_embedder = guidance_embedder(hidden_size) if guidance_embed else None
         self.y_embedder = (
             Mlp(caption_channels, hidden_size, hidden_size) if caption_projection else None
+        )
+        self.text_refiner = (
+            TextRefiner(self.context_dim, num_heads, text_refiner_depth, text_refiner_max_tokens)
+            if text_refiner_depth > 0
+            else None
         )
         self.blocks = nn.ModuleList(
             PixArtBlock(hidden_size, num_heads, self.mlp_hidden, self.context_dim, qk_norm)
@@ -311,6 +324,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
         if self.g_embedder is not None:
             init_guidance_embedder(self.g_embedder)
+        if self.text_refiner is not None:
+            self.text_refiner.reset_parameters()
 
     def pos_embed(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
         """Cached fp32 sin-cos positions [1, h*w, D] for a token grid (diffusers PatchEmbed)."""
@@ -379,6 +394,8 @@ class DiT(nn.Module):
         t6 = self.t_block(emb)  # [B, 6D] shared by all blocks (adaLN-single)
         context = self.y_embedder(text) if self.y_embedder is not None else text  # [B, L, Dc]
         bias = text_attention_bias(text_mask, x.dtype)
+        if self.text_refiner is not None:
+            context = self.text_refiner(context, bias)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, context, t6, bias, use_reentrant=False)
@@ -407,5 +424,9 @@ class DiT(nn.Module):
         block += n * d * d + length * self.context_dim * 2 * d + 2 * n * length * d + n * d * d
         block += 2 * n * d * self.mlp_hidden  # MLP
         macs += len(self.blocks) * block
+        if self.text_refiner is not None:  # qkv, attention, proj, 4x MLP over the text tokens
+            dc = self.context_dim
+            refiner = length * dc * 3 * dc + 2 * length * length * dc + length * dc * dc
+            macs += len(self.text_refiner.blocks) * (refiner + 8 * length * dc * dc)
         macs += n * d * p * p * self.out_channels  # final layer
         return 2.0 * macs

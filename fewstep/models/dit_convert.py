@@ -104,6 +104,11 @@ def state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def diffusers_config(dit: DiT) -> dict[str, Any]:
     """The ``PixArtTransformer2DModel`` config of a DiT (PixArt-Σ: no size conditioning)."""
     c = dit.config()
+    if c.get("text_refiner_depth", 0):
+        raise ValueError(
+            "DiT with text_refiner_depth > 0 cannot be exported as a diffusers "
+            "PixArtTransformer2DModel, which has no text refiner."
+        )
     if c["qk_norm"]:
         raise ValueError(
             "DiT with qk_norm=True cannot be exported: diffusers' PixArt has no QK-norm."

@@ -1,0 +1,134 @@
+"""The DiT's optional text refiner: identity at initialisation (a function-preserving graft onto a
+trained DiT), masked padding, token order made visible, grafting checkpoint weights."""
+
+import pytest
+import torch
+
+from fewstep.lightning.checkpoints import graft_weights
+from fewstep.models.dit import DiT
+from fewstep.models.dit_convert import diffusers_config
+
+KW = dict(
+    in_channels=4,
+    patch_size=2,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+    caption_channels=24,
+    learn_sigma=False,
+    sample_size=8,
+)
+
+
+def _inputs(batch: int = 2, length: int = 6):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.rand(batch, generator=g)
+    text = torch.randn(batch, length, 24, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[1, 4:] = False
+    return x, t, text, mask
+
+
+def _with_cross_attention(net: DiT) -> DiT:
+    """Give the zero-initialised cross-attention outputs weights, so the text matters."""
+    torch.manual_seed(1)
+    for block in net.blocks:
+        torch.nn.init.normal_(block.cross_attn.proj.weight, std=0.2)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.2)
+    return net
+
+
+def _perturb_refiner(net: DiT) -> DiT:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in net.text_refiner.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return net
+
+
+def test_refiner_at_initialisation_leaves_the_function_unchanged():
+    base = _with_cross_attention(DiT(**KW))
+    refined = DiT(**KW, text_refiner_depth=2, text_refiner_max_tokens=16)
+    missing = refined.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("text_refiner.") for k in missing)
+    x, t, text, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(refined(x, t, text, mask), base(x, t, text, mask))
+
+
+def test_cross_attention_alone_ignores_token_order_and_the_refiner_sees_it():
+    """PixArt's cross-attention is a function of the set of text tokens; with a (trained) refiner
+    and its positions, swapping two caption tokens changes the prediction."""
+    x, t, text, mask = _inputs()
+    swapped = text.clone()
+    swapped[:, [1, 3]] = text[:, [3, 1]]
+    base = _with_cross_attention(DiT(**KW))
+    refined = _perturb_refiner(
+        _with_cross_attention(DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=16))
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(base(x, t, text, mask), base(x, t, swapped, mask))
+        change = (refined(x, t, text, mask) - refined(x, t, swapped, mask)).abs().max()
+    assert change > 1e-3
+
+
+def test_padded_tokens_do_not_reach_the_prediction():
+    net = _perturb_refiner(
+        _with_cross_attention(DiT(**KW, text_refiner_depth=2, text_refiner_max_tokens=16))
+    )
+    x, t, text, mask = _inputs()
+    noisy = text.clone()
+    noisy[1, 4:] = 100.0 * torch.randn_like(noisy[1, 4:])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, text, mask)[1], net(x, t, noisy, mask)[1])
+
+
+def test_the_refiner_trains_from_its_zero_initialisation():
+    net = _with_cross_attention(DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=16))
+    x, t, text, mask = _inputs()
+    net(x, t, text, mask).square().mean().backward()
+    refiner = net.text_refiner
+    assert refiner.positions.grad.abs().sum() > 0  # positions reach the keys and values directly
+    assert refiner.blocks[0].proj.weight.grad.abs().sum() > 0
+
+
+def test_too_many_tokens_and_export_are_clear_errors():
+    net = DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=4)
+    x, t, text, mask = _inputs(length=6)
+    with pytest.raises(ValueError, match="text_refiner_max_tokens"):
+        net(x, t, text, mask)
+    with pytest.raises(ValueError, match="text refiner"):
+        diffusers_config(net)
+
+
+def _teacher_checkpoint(path, network: DiT, ema_network: DiT) -> None:
+    state = {f"network.{k}": v for k, v in network.state_dict().items()}
+    shadow = {k: v.clone() for k, v in ema_network.named_parameters()}
+    torch.save({"state_dict": state, "callbacks": {"EMA": {"shadow": shadow}}}, path)
+
+
+def test_graft_loads_the_ema_weights_and_keeps_new_modules_initialised(tmp_path):
+    raw, averaged = DiT(**KW), _with_cross_attention(DiT(**KW))
+    ckpt = tmp_path / "teacher.ckpt"
+    _teacher_checkpoint(ckpt, raw, averaged)
+    grown = DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=16)
+    new = graft_weights(grown, ckpt, ema=True)
+    assert new and all(k.startswith("text_refiner.") for k in new)
+    x, t, text, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, text, mask), averaged(x, t, text, mask))
+    plain = DiT(**KW)
+    assert graft_weights(plain, ckpt, ema=False) == []
+    torch.testing.assert_close(plain.state_dict(), raw.state_dict())
+
+
+def test_graft_refuses_a_checkpoint_of_another_network(tmp_path):
+    ckpt = tmp_path / "teacher.ckpt"
+    other = DiT(**{**KW, "hidden_size": 64})
+    _teacher_checkpoint(ckpt, other, other)
+    with pytest.raises(ValueError, match="does not fit the network"):
+        graft_weights(DiT(**KW), ckpt)
+    torch.save({"state_dict": {f"network.{k}": v for k, v in other.state_dict().items()}}, ckpt)
+    with pytest.raises(ValueError, match="no EMA average"):
+        graft_weights(DiT(**{**KW, "hidden_size": 64}), ckpt, ema=True)
