@@ -85,11 +85,19 @@ def test_padded_tokens_do_not_reach_the_prediction():
 
 
 def test_the_refiner_trains_from_its_zero_initialisation():
+    """At the graft only the output projection has a gradient; one step later the positions and
+    the blocks have theirs (zero-initialised residual outputs, as adaLN-Zero)."""
     net = _with_cross_attention(DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=16))
+    refiner = net.text_refiner
+    optimizer = torch.optim.SGD(refiner.parameters(), lr=0.1)
     x, t, text, mask = _inputs()
     net(x, t, text, mask).square().mean().backward()
-    refiner = net.text_refiner
-    assert refiner.positions.grad.abs().sum() > 0  # positions reach the keys and values directly
+    assert refiner.proj_out.weight.grad.abs().sum() > 0
+    assert refiner.positions.grad.abs().sum() == 0
+    optimizer.step()
+    optimizer.zero_grad()
+    net(x, t, text, mask).square().mean().backward()
+    assert refiner.positions.grad.abs().sum() > 0
     assert refiner.blocks[0].proj.weight.grad.abs().sum() > 0
 
 

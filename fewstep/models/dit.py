@@ -212,14 +212,15 @@ class DiT(nn.Module):
         guidance_embed: bool = False,
         caption_init_std: float = 0.02,
         text_refiner_depth: int = 0,
+        text_refiner_width: int | None = None,
         text_refiner_max_tokens: int = 512,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
         sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
         then starts near zero, which a larger value may help). ``text_refiner_depth`` > 0 adds a
-        ``TextRefiner`` (learned token positions + self-attention over the caption tokens,
-        identity at initialisation) between the caption projection and the cross-attentions;
-        0 is PixArt-Σ exactly."""
+        ``TextRefiner`` (learned token positions + self-attention over the text tokens at width
+        ``text_refiner_width``, default ``hidden_size``; identity at initialisation) before the
+        caption projection; 0 is PixArt-Σ exactly."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
@@ -249,6 +250,7 @@ class DiT(nn.Module):
             guidance_embed=guidance_embed,
             caption_init_std=caption_init_std,
             text_refiner_depth=text_refiner_depth,
+            text_refiner_width=text_refiner_width,
             text_refiner_max_tokens=text_refiner_max_tokens,
         )
         self.in_channels = in_channels
@@ -275,7 +277,13 @@ class DiT(nn.Module):
             Mlp(caption_channels, hidden_size, hidden_size) if caption_projection else None
         )
         self.text_refiner = (
-            TextRefiner(self.context_dim, num_heads, text_refiner_depth, text_refiner_max_tokens)
+            TextRefiner(
+                caption_channels,
+                text_refiner_width or hidden_size,
+                num_heads,
+                text_refiner_depth,
+                text_refiner_max_tokens,
+            )
             if text_refiner_depth > 0
             else None
         )
@@ -392,10 +400,10 @@ class DiT(nn.Module):
         if guidance is not None or self.g_embedder is not None:
             emb = emb + self.embed_guidance(guidance, b, x.dtype)
         t6 = self.t_block(emb)  # [B, 6D] shared by all blocks (adaLN-single)
-        context = self.y_embedder(text) if self.y_embedder is not None else text  # [B, L, Dc]
         bias = text_attention_bias(text_mask, x.dtype)
         if self.text_refiner is not None:
-            context = self.text_refiner(context, bias)
+            text = self.text_refiner(text, bias)  # [B, L, Ct]
+        context = self.y_embedder(text) if self.y_embedder is not None else text  # [B, L, Dc]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, context, t6, bias, use_reentrant=False)
@@ -424,9 +432,10 @@ class DiT(nn.Module):
         block += n * d * d + length * self.context_dim * 2 * d + 2 * n * length * d + n * d * d
         block += 2 * n * d * self.mlp_hidden  # MLP
         macs += len(self.blocks) * block
-        if self.text_refiner is not None:  # qkv, attention, proj, 4x MLP over the text tokens
-            dc = self.context_dim
-            refiner = length * dc * 3 * dc + 2 * length * length * dc + length * dc * dc
-            macs += len(self.text_refiner.blocks) * (refiner + 8 * length * dc * dc)
+        if self.text_refiner is not None:  # in/out projections; qkv, attention, proj, 4x MLP
+            dr = self.text_refiner.config["dim"]
+            block = length * dr * 3 * dr + 2 * length * length * dr + length * dr * dr
+            macs += len(self.text_refiner.blocks) * (block + 8 * length * dr * dr)
+            macs += 2 * length * ct * dr
         macs += n * d * p * p * self.out_channels  # final layer
         return 2.0 * macs

@@ -1,13 +1,16 @@
 """A text-token refiner for cross-attention DiTs: learned token positions plus a few
-pre-norm self-attention blocks over the projected caption tokens, so that each token can absorb
+pre-norm self-attention blocks over the text encoder's tokens, so that each token can absorb
 its neighbours (which colour word precedes which shape word, which noun comes first) before the
 image attends to it. Cross-attention alone sees the caption as a set of nearly context-free
 tokens; small encoders such as MiniLM change a shape word's vector by only ~10 % between "a
 red square" and "a green square". HunyuanVideo's token refiner (Kong et al. 2024, §3.3) and
 MMDiT's joint text stream (Esser et al. 2024) serve the same purpose.
 
-Every residual branch and the positions start at zero, so adding a refiner to a trained DiT
-leaves its function unchanged until the refiner trains (a function-preserving graft)."""
+It acts on the encoder's tokens before the DiT's caption projection, as a residual
+x + out(blocks(in(x) + positions)) at its own width, so it is separable: an exported pipeline
+applies it to the prompt embeddings and keeps a stock PixArt-Σ transformer. Its output
+projection and every block's residual outputs start at zero, so adding a refiner to a trained
+DiT leaves its function unchanged until the refiner trains (a function-preserving graft)."""
 
 from __future__ import annotations
 
@@ -45,40 +48,47 @@ class RefinerBlock(nn.Module):
 
 
 class TextRefiner(nn.Module):
-    """Caption tokens [B, L, D] -> refined tokens [B, L, D]: + learned positions, ``depth``
-    refiner blocks (identity at initialisation)."""
+    """Text tokens [B, L, C] -> refined tokens [B, L, C]: x + out(blocks(in(x) + positions)),
+    ``depth`` blocks at width ``dim``; the identity at initialisation."""
 
-    def __init__(self, dim: int, num_heads: int, depth: int, max_tokens: int) -> None:
+    def __init__(self, channels: int, dim: int, num_heads: int, depth: int, max_tokens: int):
         super().__init__()
         if depth < 1 or max_tokens < 1:
             raise ValueError(
                 f"TextRefiner: depth={depth} and max_tokens={max_tokens} must be >= 1 "
                 "(set DiT.text_refiner_depth: 0 for no refiner)"
             )
+        self.config = dict(
+            channels=channels, dim=dim, num_heads=num_heads, depth=depth, max_tokens=max_tokens
+        )
+        self.proj_in = nn.Linear(channels, dim)
         self.positions = nn.Parameter(torch.zeros(max_tokens, dim))
         self.blocks = nn.ModuleList(RefinerBlock(dim, num_heads) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim, eps=1e-6)
+        self.proj_out = nn.Linear(dim, channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier linears, zero positions and zero residual outputs (the identity map)."""
-        nn.init.zeros_(self.positions)
+        """Xavier linears, N(0, 0.02) positions, zero residual outputs (the identity map)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.positions, std=0.02)
         for block in self.blocks:
-            for module in block.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.xavier_uniform_(module.weight)
-                    nn.init.zeros_(module.bias)
             nn.init.zeros_(block.proj.weight)
             nn.init.zeros_(block.mlp[2].weight)
+        nn.init.zeros_(self.proj_out.weight)
 
     def forward(self, tokens: Tensor, bias: Tensor | None) -> Tensor:
-        """Refine ``tokens`` [B, L, D]; ``bias`` masks padded keys ([B, 1, 1, L], 0 or -1e4)."""
+        """Refine ``tokens`` [B, L, C]; ``bias`` masks padded keys ([B, 1, 1, L], 0 or -1e4)."""
         length = tokens.shape[1]
         if length > self.positions.shape[0]:
             raise ValueError(
                 f"TextRefiner: {length} text tokens exceed text_refiner_max_tokens="
                 f"{self.positions.shape[0]}; raise DiT.text_refiner_max_tokens"
             )
-        x = tokens + self.positions[:length].to(tokens.dtype)
+        h = self.proj_in(tokens) + self.positions[:length].to(tokens.dtype)
         for block in self.blocks:
-            x = block(x, bias)
-        return x
+            h = block(h, bias)
+        return tokens + self.proj_out(self.norm_out(h))
