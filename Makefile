@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-dev test lint demo demo-gpu bench bench-teacher clean
+.PHONY: install install-dev test lint demo demo-full demo-methods demo-gpu bench bench-teacher clean
 
 install: $(VENV)/.installed  # what the pipeline needs (make demo)
 
@@ -38,6 +38,12 @@ lint: install-dev
 
 demo: install
 	$(PY) -m fewstep.demo
+
+demo-full: install  # VAE + teacher + student from scratch (the recipes of the shipped models)
+	FEWSTEP_DEMO_TEACHER=train $(PY) -m fewstep.demo
+
+demo-methods: install  # every distillation method on the same teacher -> runs/demo/methods_table.md
+	FEWSTEP_DEMO_STUDENT=all $(PY) -m fewstep.demo
 
 demo-gpu: install  # the GPU-sized recipe (128 px, 30M-param teacher) into runs/shapes128
 	FEWSTEP_DEMO_PROFILE=gpu $(PY) -m fewstep.demo
