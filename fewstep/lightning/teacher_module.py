@@ -106,7 +106,11 @@ class TeacherModule(LatentDiffusionModule):
         self.network = network
         if init_weights:  # a fresh fit starts from them; a resume then restores its checkpoint
             new = graft_weights(network, init_weights, init_weights_ema)
-            rank_zero_info(f"init_weights: {init_weights}; new parameters: {new or 'none'}")
+            modules = sorted({name.split(".")[0] for name in new})
+            rank_zero_info(
+                f"init_weights: {init_weights}; {len(new)} new tensors start from their "
+                f"initialisation ({', '.join(modules) or 'none'})"
+            )
         self.process, self.prediction = process, prediction
         self.timestep_sampler = timestep_sampler or default_timestep_sampler(process)
         self.sampler = sampler if sampler is not None else DDIM(steps=20)  # validation sampler
