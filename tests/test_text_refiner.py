@@ -140,3 +140,21 @@ def test_graft_refuses_a_checkpoint_of_another_network(tmp_path):
     torch.save({"state_dict": {f"network.{k}": v for k, v in other.state_dict().items()}}, ckpt)
     with pytest.raises(ValueError, match="no EMA average"):
         graft_weights(DiT(**{**KW, "hidden_size": 64}), ckpt, ema=True)
+
+
+def test_teacher_module_init_weights_starts_the_fit_from_the_checkpoint(tmp_path):
+    from fewstep.diffusion.schedules import RectifiedFlow
+    from fewstep.lightning.teacher_module import TeacherModule
+
+    trained = _with_cross_attention(DiT(**KW))
+    ckpt = tmp_path / "teacher.ckpt"
+    _teacher_checkpoint(ckpt, DiT(**KW), trained)  # raw weights differ from the EMA average
+    grown = DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=16)
+    module = TeacherModule(grown, RectifiedFlow(), "velocity", init_weights=str(ckpt))
+    x, t, text, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(module.network(x, t, text, mask), trained(x, t, text, mask))
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        TeacherModule(
+            DiT(**KW), RectifiedFlow(), "velocity", init_weights=str(tmp_path / "missing.ckpt")
+        )
