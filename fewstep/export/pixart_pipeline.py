@@ -26,9 +26,7 @@ from fewstep.export.schedulers import (
     student_schedule,
 )
 from fewstep.models.dit import DiT
-from fewstep.models.dit_convert import (
-    to_diffusers,
-)
+from fewstep.models.dit_convert import to_diffusers_components
 from fewstep.models.pixart_io import text_encoder_folders
 from fewstep.models.text_encoder import ENCODER_CLASSES, has_tokenizer
 from fewstep.models.vae import VAE
@@ -144,29 +142,47 @@ def _write_pipeline(
     overwrite: bool,
 ) -> Path:
     """Save the pipeline and ``record`` (as fewstep_export.json) to ``out`` atomically."""
-    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
-
-    pipeline_class, model_class = PixArtSigmaPipeline, PixArtTransformer2DModel
-    if dit.g_embedder is not None:  # a guidance-embedded student
-        from fewstep.export.guided_pixart import (
-            GuidedPixArtSigmaPipeline,
-            GuidedPixArtTransformer2DModel,
-        )
-
-        pipeline_class, model_class = GuidedPixArtSigmaPipeline, GuidedPixArtTransformer2DModel
+    pipeline_class, model_class = pipeline_classes(dit)
     record["pipeline_class"] = f"{pipeline_class.__module__}.{pipeline_class.__name__}"
-    transformer = to_diffusers(dit, model_class).to("cpu", torch.float32).eval()
+    transformer, refiner = to_diffusers_components(dit, model_class)
     text_encoder, tokenizer = (
         _text_components(text_encoder_path) if text_encoder_path is not None else (None, None)
     )
+    refined = {} if refiner is None else {"text_refiner": refiner.to("cpu", torch.float32).eval()}
     pipe = pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=_autoencoder(vae),
-        transformer=transformer,
+        transformer=transformer.to("cpu", torch.float32).eval(),
         scheduler=scheduler,
+        **refined,
     )
     return save_pipeline(pipe, record, out, overwrite)
+
+
+def pipeline_classes(dit: DiT) -> tuple[type, type]:
+    """(pipeline class, transformer class) of a DiT: PixArtSigmaPipeline, or its guided
+    (guidance-embedded student) and refined (text refiner) variants."""
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    from fewstep.export.guided_pixart import (
+        GuidedPixArtSigmaPipeline,
+        GuidedPixArtTransformer2DModel,
+    )
+    from fewstep.export.refined_pixart import (
+        RefinedGuidedPixArtSigmaPipeline,
+        RefinedPixArtSigmaPipeline,
+    )
+
+    guided, refined = dit.g_embedder is not None, dit.text_refiner is not None
+    model_class = GuidedPixArtTransformer2DModel if guided else PixArtTransformer2DModel
+    pipelines = {
+        (False, False): PixArtSigmaPipeline,
+        (True, False): GuidedPixArtSigmaPipeline,
+        (False, True): RefinedPixArtSigmaPipeline,
+        (True, True): RefinedGuidedPixArtSigmaPipeline,
+    }
+    return pipelines[guided, refined], model_class
 
 
 def save_pipeline(pipe: Any, record: dict[str, Any], out: Path, overwrite: bool) -> Path:

@@ -1,7 +1,9 @@
 """Convert our PixArt-Σ ``DiT`` to and from diffusers' ``PixArtTransformer2DModel``.
 
 Our blocks fuse self-attention QKV and cross-attention KV into one linear each; diffusers keeps
-``to_q``/``to_k``/``to_v`` apart. Everything else is a rename.
+``to_q``/``to_k``/``to_v`` apart. Everything else is a rename. A DiT's optional text refiner acts
+on the text tokens before the caption projection, so it converts to a component of its own
+(``PixArtTextRefinerModel``) beside a stock transformer: ``to_diffusers_components``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from diffusers import PixArtTransformer2DModel
 from torch import Tensor
 
 from fewstep.models.dit import DiT
+from fewstep.models.text_refiner_diffusers import PixArtTextRefinerModel
+
+REFINER_PREFIX = "text_refiner."  # the DiT's refiner weights; the component's are "refiner.*"
 
 _TOP = {  # ours -> diffusers (module paths; .weight/.bias follow)
     "x_embedder": "pos_embed.proj",
@@ -101,13 +106,15 @@ def state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def diffusers_config(dit: DiT) -> dict[str, Any]:
-    """The ``PixArtTransformer2DModel`` config of a DiT (PixArt-Σ: no size conditioning)."""
+def diffusers_config(dit: DiT, without_text_refiner: bool = False) -> dict[str, Any]:
+    """The ``PixArtTransformer2DModel`` config of a DiT (PixArt-Σ: no size conditioning); a DiT
+    with a text refiner only ``without_text_refiner`` (the refiner is a component of its own)."""
     c = dit.config()
-    if c.get("text_refiner_depth", 0):
+    if c.get("text_refiner_depth", 0) and not without_text_refiner:
         raise ValueError(
-            "DiT with text_refiner_depth > 0 cannot be exported as a diffusers "
-            "PixArtTransformer2DModel, which has no text refiner."
+            "DiT with text_refiner_depth > 0 is not one diffusers PixArtTransformer2DModel, which "
+            "has no text refiner: export it with to_diffusers_components (transformer + "
+            "text_refiner), as fewstep export / fewstep ship do (RefinedPixArtSigmaPipeline)."
         )
     if c["qk_norm"]:
         raise ValueError(
@@ -198,27 +205,88 @@ def dit_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any
     )
 
 
+def split_text_refiner(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A DiT state dict -> (everything but the refiner, the refiner's keyed as its component's)."""
+    rest = {k: v for k, v in sd.items() if not k.startswith(REFINER_PREFIX)}
+    refiner = {"refiner." + k[len(REFINER_PREFIX) :]: v for k, v in sd.items() if k not in rest}
+    return rest, refiner
+
+
+def text_refiner_state_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A ``PixArtTextRefinerModel`` state dict -> the DiT's ``text_refiner.*`` entries."""
+    wrong = [k for k in sd if not k.startswith("refiner.")]
+    if wrong:
+        raise ValueError(f"Cannot convert the text refiner: unknown keys {sorted(wrong)[:8]}.")
+    return {REFINER_PREFIX + k[len("refiner.") :]: v for k, v in sd.items()}
+
+
+def text_refiner_kwargs(config: Mapping[str, Any], dit_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``DiT`` init arguments of a ``PixArtTransformer2DModel`` config's DiT (``dit_kwargs``)
+    given its ``PixArtTextRefinerModel`` config; a refiner the DiT cannot hold raises."""
+    heads, channels = dit_kwargs["num_heads"], dit_kwargs["caption_channels"]
+    if config.get("num_heads") != heads or config.get("channels") != channels:
+        raise ValueError(
+            f"Cannot convert the text refiner: its num_heads={config.get('num_heads')} and "
+            f"channels={config.get('channels')} must equal the transformer's heads={heads} and "
+            f"caption channels={channels} (a fewstep DiT's refiner shares them)."
+        )
+    return dict(
+        text_refiner_depth=int(config["depth"]),
+        text_refiner_width=int(config["dim"]),
+        text_refiner_max_tokens=int(config["max_tokens"]),
+    )
+
+
 def to_diffusers(
-    dit: DiT, model_class: type[PixArtTransformer2DModel] = PixArtTransformer2DModel
+    dit: DiT,
+    model_class: type[PixArtTransformer2DModel] = PixArtTransformer2DModel,
+    without_text_refiner: bool = False,
 ) -> PixArtTransformer2DModel:
     """A diffusers ``model_class`` (``PixArtTransformer2DModel`` or a subclass with a
-    ``guidance_embedder``) carrying a DiT's weights (same device and dtype)."""
+    ``guidance_embedder``) carrying a DiT's weights (same device and dtype); a DiT with a text
+    refiner only ``without_text_refiner`` (see ``to_diffusers_components``)."""
     if dit.g_embedder is not None and model_class is PixArtTransformer2DModel:
         raise ValueError(
             "DiT with guidance_embed=True has a CFG-scale embedding diffusers' PixArt lacks: "
             "export it as fewstep.export.guided_pixart.GuidedPixArtTransformer2DModel."
         )
     param = next(dit.parameters())
-    model = model_class(**diffusers_config(dit))
-    model.load_state_dict(state_dict_to_diffusers(dit.state_dict()), strict=True)
+    model = model_class(**diffusers_config(dit, without_text_refiner))
+    state, _ = split_text_refiner(dit.state_dict())
+    model.load_state_dict(state_dict_to_diffusers(state), strict=True)
     model = model.to(param.device)
     return model if param.dtype == torch.float32 else model.to(param.dtype)
 
 
-def from_diffusers(model: PixArtTransformer2DModel) -> DiT:
-    """A DiT carrying a diffusers ``PixArtTransformer2DModel``'s weights (same device and dtype)."""
+def text_refiner_to_diffusers(dit: DiT) -> PixArtTextRefinerModel | None:
+    """The DiT's text refiner as a ``PixArtTextRefinerModel`` (same device and dtype), or None."""
+    if dit.text_refiner is None:
+        return None
+    param = next(dit.text_refiner.parameters())
+    model = PixArtTextRefinerModel(**dit.text_refiner.config)
+    model.load_state_dict(split_text_refiner(dit.state_dict())[1], strict=True)
+    model = model.to(param.device)
+    return model if param.dtype == torch.float32 else model.to(param.dtype)
+
+
+def to_diffusers_components(
+    dit: DiT, model_class: type[PixArtTransformer2DModel] = PixArtTransformer2DModel
+) -> tuple[PixArtTransformer2DModel, PixArtTextRefinerModel | None]:
+    """(transformer, text refiner or None): the DiT = the transformer on refined text tokens."""
+    return to_diffusers(dit, model_class, without_text_refiner=True), text_refiner_to_diffusers(dit)
+
+
+def from_diffusers(
+    model: PixArtTransformer2DModel, text_refiner: PixArtTextRefinerModel | None = None
+) -> DiT:
+    """A DiT carrying a diffusers ``PixArtTransformer2DModel``'s weights and, when given, its
+    ``text_refiner`` component's (same device and dtype as the transformer)."""
     param = next(model.parameters())
     kwargs = dit_kwargs_from_diffusers_config(dict(model.config))
+    state = state_dict_from_diffusers(model.state_dict())
+    if text_refiner is not None:
+        kwargs |= text_refiner_kwargs(dict(text_refiner.config), kwargs)
+        state |= text_refiner_state_from_diffusers(text_refiner.state_dict())
     dit = DiT(**kwargs, guidance_embed=hasattr(model, "guidance_embedder"))
-    dit.load_state_dict(state_dict_from_diffusers(model.state_dict()), strict=True)
+    dit.load_state_dict(state, strict=True)
     return dit.to(device=param.device, dtype=param.dtype)

@@ -1,5 +1,6 @@
 """Real PixArt-Σ diffusers folders in: ``PretrainedDiT(path)`` builds our DiT from a local pipeline
-folder (``transformer/``) or a transformer folder, with converted weights;
+folder (``transformer/``, and ``text_refiner/`` when fewstep exported a DiT with a text refiner)
+or a transformer folder, with converted weights;
 ``pipeline_vae_path`` / ``pipeline_text_encoder_path`` point the teacher's VAE and the cache's
 text encoder at the same folder. (Out: ``fewstep.export.pixart_pipeline``.)
 """
@@ -18,11 +19,14 @@ from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import (
     dit_kwargs_from_diffusers_config,
     state_dict_from_diffusers,
+    text_refiner_kwargs,
+    text_refiner_state_from_diffusers,
 )
 from fewstep.models.text_encoder import resolve_folders
 from fewstep.models.vae import config_folder, resolve_vae_folder
 from fewstep.utils.manifest import verify_shipped
 
+REFINER_FOLDER = "text_refiner"  # a refined pipeline's PixArtTextRefinerModel component
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # the latter: legacy name
 BINNED_SAMPLE_SIZES = (32, 64, 128, 256)  # PixArtSigmaPipeline's aspect-ratio bins exist for these
 _FIX = (
@@ -79,9 +83,31 @@ def load_transformer_state_dict(folder: Path) -> dict[str, Tensor]:
     return load_weights(folder, "PixArt transformer", torch.float32)
 
 
+def text_refiner_folder(transformer_folder: Path) -> Path | None:
+    """The ``text_refiner/`` beside a pipeline's ``transformer/`` folder, or None."""
+    folder = transformer_folder.parent / REFINER_FOLDER
+    is_pipeline = transformer_folder.name == "transformer"
+    return folder if is_pipeline and (folder / "config.json").is_file() else None
+
+
+def load_text_refiner(
+    folder: Path, dit_kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(DiT init arguments, DiT state entries) of a ``text_refiner/`` component folder."""
+    file = folder / "config.json"
+    try:
+        config = json.loads(file.read_text())
+        kwargs = text_refiner_kwargs(config, dit_kwargs)
+        state = text_refiner_state_from_diffusers(load_weights(folder, "text refiner"))
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
+        raise ValueError(f"Cannot read the text refiner in '{folder}': {err}") from None
+    return kwargs, state
+
+
 class PretrainedDiT(DiT):
     """Our PixArt-Σ DiT with the architecture and weights of a local diffusers PixArt transformer
-    (``path``: a pipeline folder with ``transformer/``, or the transformer folder itself)."""
+    (``path``: a pipeline folder with ``transformer/``, or the transformer folder itself), with
+    the pipeline's ``text_refiner/`` when it has one."""
 
     def __init__(self, path: str, gradient_checkpointing: bool = False) -> None:
         verify_shipped(path)  # a shipped teacher must match its sha256 manifest
@@ -91,6 +117,10 @@ class PretrainedDiT(DiT):
             state = state_dict_from_diffusers(load_transformer_state_dict(folder))
         except ValueError as err:
             raise ValueError(f"PixArt weights in '{folder}': {err}") from None
+        if (refiner := text_refiner_folder(folder)) is not None:
+            verify_shipped(refiner)  # also when ``path`` is the pipeline's transformer/ alone
+            refiner_kwargs, refiner_state = load_text_refiner(refiner, kwargs)
+            kwargs, state = kwargs | refiner_kwargs, state | refiner_state
         with torch.device("meta"):  # skip the random init: every weight is loaded below
             super().__init__(**kwargs, gradient_checkpointing=gradient_checkpointing)
         assign_state(self, state, folder)
