@@ -13,6 +13,7 @@ import yaml
 from student_fixtures import resolved_config
 
 from fewstep import demo
+from fewstep.utils.manifest import write_manifest
 
 CACHE_STUDENTS = [m for m in demo.STUDENTS if m != "reflow"]  # reflow's own data are couplings
 
@@ -173,11 +174,31 @@ def test_reflow_validates_on_the_cache_split_and_counts_its_seen_pairs(
     assert {k: resolved["data"]["init_args"][k] for k in wanted} == wanted
 
 
-def test_reflow_with_a_shipped_teacher_is_reported_as_not_run(run_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv("FEWSTEP_DEMO_TEACHER", str(tmp_path / "shipped"))
-    monkeypatch.setattr(demo, "_cli", FakeCli())
+def test_reflow_with_a_shipped_teacher_draws_its_couplings_from_the_teacher_yaml(
+    run_dir, monkeypatch, tmp_path
+):
+    """The couplings come from the shipped teacher (teacher.yaml, no checkpoint), the student
+    loads the same teacher, and reflow is validated like every method."""
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    write_manifest(folder, {"recipe": {"weights": "ema"}})
+    monkeypatch.setenv("FEWSTEP_DEMO_TEACHER", str(folder))
+    calls: list[list[str]] = []
+
+    def cli(args: list[str]) -> SimpleNamespace:
+        calls.append(args)
+        metrics = {"val/teacher/geneval/overall": 0.5, "val/student_1/geneval/overall": 0.4}
+        return SimpleNamespace(trainer=SimpleNamespace(callback_metrics=metrics))
+
+    monkeypatch.setattr(demo, "_cli", cli)
+    monkeypatch.setattr(demo, "_reflow_on_cache", lambda log_dir: ([], "validated on the cache"))
     entry = demo.distil("reflow")
-    assert "validate" not in entry and entry["note"].startswith("not run: `fewstep couplings`")
+    assert [c[0] for c in calls] == ["couplings", "fit", "validate"]
+    teacher_yaml = str(folder / "teacher.yaml")
+    assert calls[0][-4:] == ["--teacher_config", teacher_yaml, "--teacher_ckpt", "null"]
+    assert f"--model.init_args.teacher_config={teacher_yaml}" in calls[1]
+    assert entry["validate"]["val/student_1/geneval/overall"] == 0.4
+    assert entry["teacher"].startswith(f"shipped:{folder.resolve()}")
 
 
 def test_results_record_every_method_for_the_report(run_dir, monkeypatch):

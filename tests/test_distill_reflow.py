@@ -45,10 +45,9 @@ from fewstep.distill.reflow import (
     reflow_loss,
     straight_path,
 )
-from fewstep.lightning.checkpoints import load_module
+from fewstep.lightning.checkpoints import load_module, load_teacher
 from fewstep.lightning.sampling import as_null_text, generate
 from fewstep.lightning.student_module import StudentModule
-from fewstep.tools.couplings import load_teacher
 from fewstep.utils.seeding import fixed_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,7 +342,7 @@ def test_coupling_cache_reproduces_the_teachers_samples(tiny, couplings_dir):
     source.setup("fit")
     src = source.train_dataset.cache
     assert batch["caption"] == [r["caption"] for r in src.read_records(range(N_COUPLINGS))]
-    teacher, weights = load_teacher(str(tiny.config), str(tiny.ckpt), ema=False)
+    teacher = load_teacher(str(tiny.config), str(tiny.ckpt), use_ema=False)
     null = as_null_text(src.null_text())
     with torch.no_grad():
         x0 = generate(
@@ -355,7 +354,7 @@ def test_coupling_cache_reproduces_the_teachers_samples(tiny, couplings_dir):
             2.0,
             null,
         )
-    assert weights == "raw" and x0.abs().mean() > 0.1
+    assert x0.abs().mean() > 0.1
     assert torch.allclose(batch["latents"], x0, atol=1e-5), (batch["latents"] - x0).abs().max()
 
 

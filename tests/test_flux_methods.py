@@ -39,11 +39,11 @@ from fewstep.distill.base import DistillBatch, Models
 from fewstep.distill.dmd2 import DMD2
 from fewstep.distill.ladd import LADD
 from fewstep.distill.scm import SCM
+from fewstep.lightning.checkpoints import load_teacher
 from fewstep.lightning.sampling import as_null_text, generate
 from fewstep.lightning.teacher_module import network_denoiser
 from fewstep.models.flux import Flux
 from fewstep.models.flux_layers import joint_mask, pack_latents
-from fewstep.tools.couplings import load_teacher
 from fewstep.utils.seeding import fixed_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -322,7 +322,7 @@ def test_flux_couplings_are_the_teachers_samples_with_pooled_vectors(teachers, f
     expected_cond = (batch["text"] * valid).sum(1) / valid.sum(1)
     torch.testing.assert_close(batch["cond"], expected_cond, rtol=1e-5, atol=1e-6)
     assert torch.equal(batch["noise"], fixed_noise(batch["noise"].shape[1:], range(12), seed=0))
-    module, _ = load_teacher(str(teacher.config), str(teacher.ckpt), ema=False)
+    module = load_teacher(str(teacher.config), str(teacher.ckpt), use_ema=False)
     null = as_null_text(flux_data(teacher.cache).null_text())  # (text, mask, pooled)
     assert null.cond is not None
     with torch.no_grad():

@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+import yaml
 from student_fixtures import build_tiny_teacher
 
 from fewstep.cli import run
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.student_module import load_teacher
+from fewstep.utils.fingerprint import weights_hash
 from fewstep.utils.manifest import ShippedModelError
 
 
@@ -32,7 +34,7 @@ def test_shipped_teacher_loads_without_a_checkpoint_and_equals_the_trained_one(s
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert loaded.guidance_scale == trained.guidance_scale
     assert type(loaded.process) is type(trained.process)
-    assert loaded.vae_path == f"{out}/vae"
+    assert loaded.vae_path == str(out.resolve() / "vae")
 
 
 def test_manifest_holds_recipe_score_and_every_file(shipped):
@@ -63,3 +65,49 @@ def test_a_changed_shipped_weight_is_one_clear_error(shipped, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ShippedModelError, match="transformer/.*safetensors has sha256"):
         load_teacher(str(copy / "teacher.yaml"), None)
+
+
+def test_a_relative_out_ships_a_teacher_that_loads_from_any_working_directory(
+    shipped, tmp_path, monkeypatch
+):
+    teacher, _ = shipped
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    args = ["--config", str(teacher.config), "--ckpt_path", str(teacher.ckpt)]
+    run(["ship", *args, "--out", "assets/reference"])
+    folder = tmp_path / "here" / "assets" / "reference"
+    network = yaml.safe_load((folder / "teacher.yaml").read_text())["model"]["init_args"]
+    assert network["network"]["init_args"]["path"] == str(folder.resolve())
+    assert network["vae_path"] == str(folder.resolve() / "vae")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_teacher(str(folder / "teacher.yaml"), None)
+    assert loaded.vae_path == str(folder.resolve() / "vae") and loaded.vae is not None
+
+
+def test_couplings_draw_from_a_shipped_teacher_without_a_checkpoint(shipped, tmp_path):
+    teacher, out = shipped
+    trained, _, _ = load_trained(teacher.config, teacher.ckpt, ema=True)
+    couplings = tmp_path / "couplings"
+    result = run(
+        [
+            "couplings",
+            "--teacher_config",
+            str(out / "teacher.yaml"),
+            "--teacher_ckpt",
+            "null",
+            "--cache",
+            str(teacher.cache),
+            "--out",
+            str(couplings),
+            "--num_samples=4",
+            "--shard_size=4",
+            "--batch_size=4",
+            "--device=cpu",
+            "--progress=false",
+        ]
+    )
+    assert result == {"couplings": str(couplings), "teacher_weights": "shipped:ema"}
+    info = json.loads((couplings / "manifest.json").read_text())["couplings"]["teacher"]
+    assert info["weights_sha256"] == weights_hash(trained.network)  # the trained EMA weights
+    assert info["weights"] == "shipped:ema"

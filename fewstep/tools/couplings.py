@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import yaml
 
@@ -15,16 +14,27 @@ from fewstep.data.cache_builder import describe_dataset
 from fewstep.data.couplings import build_couplings
 from fewstep.data.datamodule import PooledText, null_pooled, pooled_source
 from fewstep.diffusion.samplers import Sampler
-from fewstep.lightning.checkpoints import load_trained
+from fewstep.lightning.checkpoints import ema_state, load_checkpoint, load_teacher
 from fewstep.lightning.sampling import NullText, as_null_text, generate
 from fewstep.utils.fingerprint import weights_hash
+from fewstep.utils.manifest import verify_shipped
 
 
-def load_teacher(config: str, ckpt_path: str, ema: bool = True) -> tuple[pl.LightningModule, str]:
-    """The teacher of fit YAML ``config`` with ``ckpt_path``'s weights (EMA when there is an
-    average and ``ema``), frozen in eval mode; returns (module, "ema" | "raw")."""
-    module, _, weights = load_trained(config, ckpt_path, ema)
-    return module.requires_grad_(False).eval(), weights
+def teacher_weights(config: str, ckpt_path: str | None, ema: bool) -> str:
+    """What the couplings are drawn with: a checkpoint's "ema" (an error when it has no average)
+    or "raw" weights, a shipped teacher's ("shipped:" + the weights it was shipped with), or
+    "config" (``teacher_ckpt: null`` and a network that loads its own weights)."""
+    if ckpt_path is None:
+        manifest = verify_shipped(Path(config).expanduser().parent)
+        if manifest is None:
+            return "config"
+        return f"shipped:{(manifest.get('recipe') or {}).get('weights', 'unknown')}"
+    if ema and ema_state(load_checkpoint(ckpt_path)) is None:
+        raise ValueError(
+            f"teacher_ckpt '{ckpt_path}' has no EMA average; set use_ema: false (--use_ema "
+            "false) to draw the couplings with its raw weights."
+        )
+    return "ema" if ema else "raw"
 
 
 def data_args(config: str) -> dict[str, Any]:
@@ -58,7 +68,7 @@ def _device(device: str) -> torch.device:
 
 def couplings(
     teacher_config: str = "configs/teacher/shapes.yaml",
-    teacher_ckpt: str = "runs/demo/teacher/checkpoints/last.ckpt",
+    teacher_ckpt: str | None = "runs/demo/teacher/checkpoints/last.ckpt",
     out: str = "runs/demo/couplings",
     cache: str | None = None,
     num_samples: int | None = None,
@@ -71,7 +81,8 @@ def couplings(
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, str]:
-    """Sample the teacher (fit YAML + checkpoint, EMA weights) from seeded noise for the captions
+    """Sample the teacher (fit YAML + checkpoint, EMA weights; or ``teacher_ckpt: null`` with a
+    shipped teacher's ``teacher.yaml``) from seeded noise for the captions
     of source cache ``cache`` (default: the YAML's data.init_args.path), samples [0, num_samples),
     with its configured sampler and guidance scale unless given; rerunning resumes. A teacher
     taking a pooled text vector (Flux) gets it as its YAML's data.init_args.pooled_text makes it
@@ -80,7 +91,8 @@ def couplings(
     if source_path is None:
         raise ValueError(f"'{teacher_config}' has no data.init_args.path; pass --cache.")
     source = LatentCache(source_path)
-    teacher, weights = load_teacher(teacher_config, teacher_ckpt, use_ema)
+    weights = teacher_weights(teacher_config, teacher_ckpt, use_ema)
+    teacher = load_teacher(teacher_config, teacher_ckpt, use_ema)
     sampler = sampler if sampler is not None else teacher.sampler
     scale = float(teacher.guidance_scale if guidance_scale is None else guidance_scale)
     max_text_length = data_args(teacher_config).get("max_text_length")

@@ -17,17 +17,19 @@ from fewstep.utils.manifest import write_manifest
 TEACHER_YAML = "teacher.yaml"
 
 
-def shipped_teacher_yaml(config: str | Path, out: str) -> dict[str, Any]:
+def shipped_teacher_yaml(config: str | Path, out: str | Path) -> dict[str, Any]:
     """The fit YAML's ``model:`` section with the network read from ``out`` (PretrainedDiT) and
-    the VAE from ``out/vae``; everything else (process, prediction, sampler, CFG) as trained."""
+    the VAE from ``out/vae``, both as absolute paths (so any working directory loads it);
+    everything else (process, prediction, sampler, CFG) as trained."""
     raw = yaml.safe_load(Path(config).read_text())
     model = raw["model"]
     args = dict(model.get("init_args") or {})
+    folder = Path(out).expanduser().resolve()
     args["network"] = {
         "class_path": "fewstep.models.pixart_io.PretrainedDiT",
-        "init_args": {"path": out},
+        "init_args": {"path": str(folder)},
     }
-    args["vae_path"] = f"{out}/vae"
+    args["vae_path"] = str(folder / "vae")
     for key in ("optimizer", "lr_scheduler", "compile", "compile_kwargs"):
         args.pop(key, None)
     return {"model": {"class_path": model["class_path"], "init_args": args}}
