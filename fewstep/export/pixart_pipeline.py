@@ -148,16 +148,23 @@ def _write_pipeline(
     text_encoder, tokenizer = (
         _text_components(text_encoder_path) if text_encoder_path is not None else (None, None)
     )
-    refined = {} if refiner is None else {"text_refiner": refiner.to("cpu", torch.float32).eval()}
+    refined = {} if refiner is None else {"text_refiner": _cpu_float32(refiner)}
     pipe = pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=_autoencoder(vae),
-        transformer=transformer.to("cpu", torch.float32).eval(),
+        transformer=_cpu_float32(transformer),
         scheduler=scheduler,
         **refined,
     )
     return save_pipeline(pipe, record, out, overwrite)
+
+
+def _cpu_float32(model: Any) -> Any:
+    """A diffusers model on the CPU in float32, eval mode (cast only when needed: diffusers warns
+    on every dtype cast)."""
+    model = model.to("cpu")
+    return (model if model.dtype == torch.float32 else model.to(torch.float32)).eval()
 
 
 def pipeline_classes(dit: DiT) -> tuple[type, type]:
