@@ -117,20 +117,23 @@ def test_manifest_covers_the_refiner_and_a_changed_refiner_weight_is_refused(ref
         load_teacher(str(copy / "teacher.yaml"), None)
 
 
-def student(config: Path, ckpt: Path, method) -> StudentModule:
+def student(config: Path, ckpt: Path | None, method) -> StudentModule:
     """A student of the refined teacher, weights moved off it (refiner included)."""
     torch.manual_seed(0)
-    module = StudentModule(str(config), str(ckpt), method, Euler(steps=2), eval_steps=[1]).eval()
+    ckpt = None if ckpt is None else str(ckpt)
+    module = StudentModule(str(config), ckpt, method, Euler(steps=2), eval_steps=[1]).eval()
     with torch.no_grad():
         for p in module.student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return module
 
 
-@pytest.mark.parametrize("kind", ["reflow", "guidance"])
+@pytest.mark.parametrize("kind", ["reflow", "guidance", "reflow_of_shipped"])
 def test_students_of_a_refined_teacher_export_with_the_refiner(refined, kind, tmp_path):
-    config, ckpt, _ = refined
-    method = Reflow() if kind == "reflow" else GuidanceDistillation((1.0, 4.0))
+    config, ckpt, shipped = refined
+    if kind == "reflow_of_shipped":  # the teacher loaded from the shipped folder (PretrainedDiT)
+        config, ckpt = shipped / "teacher.yaml", None
+    method = GuidanceDistillation((1.0, 4.0)) if kind == "guidance" else Reflow()
     module = student(config, ckpt, method)
     assert module.student.text_refiner is not None
     denoiser = method.student_denoiser(module.models.student)
