@@ -296,7 +296,10 @@ def stage_teacher() -> dict[str, Any]:
         metrics = _validate_metrics(configs, log_dir)
         return {"validate": metrics, "fit_seconds": _fit_seconds(log_dir), **reused}
     manifest = check_shipped(folder)
-    metrics = _validate_metrics([*configs, folder / SHIPPED_TEACHER_YAML], None)
+    root = folder.resolve()  # teacher.yaml's paths are relative to it: the CLI gets them whole
+    where = [f"--model.init_args.network.init_args.path={root}"]
+    where.append(f"--model.init_args.vae_path={root / 'vae'}")
+    metrics = _validate_metrics([*configs, folder / SHIPPED_TEACHER_YAML], None, where)
     log_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(log_dir / "SHIPPED", teacher_source() + "\n")
     figures = {k: manifest[k] for k in SHIPPED_FIGURES if k in manifest}

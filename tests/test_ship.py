@@ -1,6 +1,7 @@
 """`fewstep ship`: a trained teacher as a checked, shipped folder that students load directly."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_a_changed_shipped_weight_is_one_clear_error(shipped, tmp_path):
         load_teacher(str(copy / "teacher.yaml"), None)
 
 
-def test_a_relative_out_ships_a_teacher_that_loads_from_any_working_directory(
+def test_a_shipped_teacher_loads_after_moving_from_any_working_directory(
     shipped, tmp_path, monkeypatch
 ):
     teacher, _ = shipped
@@ -75,14 +76,18 @@ def test_a_relative_out_ships_a_teacher_that_loads_from_any_working_directory(
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     args = ["--config", str(teacher.config), "--ckpt_path", str(teacher.ckpt)]
-    run(["ship", *args, "--out", "assets/reference"])
-    folder = tmp_path / "here" / "assets" / "reference"
-    network = yaml.safe_load((folder / "teacher.yaml").read_text())["model"]["init_args"]
-    assert network["network"]["init_args"]["path"] == str(folder.resolve())
-    assert network["vae_path"] == str(folder.resolve() / "vae")
+    run(["ship", *args, "--out", "assets/reference"])  # a relative --out
+    args = yaml.safe_load((tmp_path / "here/assets/reference/teacher.yaml").read_text())
+    args = args["model"]["init_args"]
+    assert (args["network"]["init_args"]["path"], args["vae_path"]) == (".", "vae")
+    moved = tmp_path / "package" / "assets" / "reference"
+    shutil.move(tmp_path / "here" / "assets" / "reference", moved)  # e.g. into fewstep/assets
     monkeypatch.chdir(tmp_path / "elsewhere")
-    loaded = load_teacher(str(folder / "teacher.yaml"), None)
-    assert loaded.vae_path == str(folder.resolve() / "vae") and loaded.vae is not None
+    loaded = load_teacher(str(moved / "teacher.yaml"), None)
+    trained, _, _ = load_trained(teacher.config, teacher.ckpt, ema=True)
+    assert loaded.vae_path == str(moved.resolve() / "vae") and loaded.vae is not None
+    mine, theirs = loaded.network.state_dict(), trained.network.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
 
 
 def test_couplings_draw_from_a_shipped_teacher_without_a_checkpoint(shipped, tmp_path):

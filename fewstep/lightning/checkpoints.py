@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser
 from torch import nn
 
 from fewstep.lightning.ema import EMA
-from fewstep.utils.manifest import verify_shipped
+from fewstep.utils.manifest import resolve_shipped_paths, verify_shipped
 
 REQUIRED = ("network", "process", "prediction")  # what an exportable module must carry
 STUDENT = ("student", "method", "sampler")  # a StudentModule carries these instead of network
@@ -27,7 +27,7 @@ def load_module(config: str | Path) -> pl.LightningModule:
     path = Path(config).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Config file not found: '{path}' (the YAML used for fewstep fit).")
-    raw = yaml.safe_load(path.read_text())
+    raw = resolve_shipped_paths(yaml.safe_load(path.read_text()), path)
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise ValueError(f"'{path}' has no model: section with class_path/init_args.")
     parser = ArgumentParser(exit_on_error=False)

@@ -24,12 +24,11 @@ def shipped_teacher_yaml(config: str | Path, out: str | Path) -> dict[str, Any]:
     raw = yaml.safe_load(Path(config).read_text())
     model = raw["model"]
     args = dict(model.get("init_args") or {})
-    folder = Path(out).expanduser().resolve()
-    args["network"] = {
+    args["network"] = {  # relative to teacher.yaml's folder (manifest.resolve_shipped_paths)
         "class_path": "fewstep.models.pixart_io.PretrainedDiT",
-        "init_args": {"path": str(folder)},
+        "init_args": {"path": "."},
     }
-    args["vae_path"] = str(folder / "vae")
+    args["vae_path"] = "vae"
     for key in ("optimizer", "lr_scheduler", "compile", "compile_kwargs"):
         args.pop(key, None)
     return {"model": {"class_path": model["class_path"], "init_args": args}}

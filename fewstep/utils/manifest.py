@@ -77,3 +77,24 @@ def verify_shipped(path: str | Path) -> dict[str, Any] | None:
 
 
 _FIX = "restore the folder (`git checkout -- <folder>` or reinstall fewstep)"
+
+
+TEACHER_PATHS = (("network", "init_args", "path"), ("vae_path",))  # under model.init_args
+
+
+def resolve_shipped_paths(raw: Any, config: str | Path) -> Any:
+    """A shipped ``teacher.yaml`` (``raw``, read from ``config``) with its relative network and
+    VAE paths resolved against its own folder, so the folder can move (e.g. be committed under
+    fewstep/assets/) and load from any working directory; any other YAML is returned as is."""
+    folder = Path(config).expanduser().resolve().parent
+    if not isinstance(raw, dict) or shipped_root(folder) is None:
+        return raw
+    args = (raw.get("model") or {}).get("init_args") or {}
+    for keys in TEACHER_PATHS:
+        parent = args
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent.get(key), dict) else {}
+        value = parent.get(keys[-1])
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            parent[keys[-1]] = str(folder / value)
+    return raw
