@@ -16,9 +16,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,7 +40,6 @@ from fewstep.distill.ladd import randn, unit_to_process_time
 from fewstep.models.ladd_discriminator import (
     FeatureDiscriminatorHeads,
     block_features,
-    frozen_parameters,
     resolve_blocks,
     token_features,
 )
@@ -189,7 +190,7 @@ class DMD2(DistillationMethod):
         i steps (backward simulation, DMD2 §4.5) or, without it, the data noised to t_i."""
         x0, g = batch.latents, batch.generator
         k = len(self.student_times)
-        i = int(torch.randint(0, k, (1,), generator=g, device=g.device).item())
+        i = same_on_every_rank(int(torch.randint(0, k, (1,), generator=g, device=g.device)), x0)
         noise = randn(x0.shape, x0, g)
         t = self.student_times[i].to(x0.device).float().expand(x0.shape[0])
         if i == 0:
@@ -237,7 +238,7 @@ class DMD2(DistillationMethod):
         dm = dm_surrogate(x0, grad)
         loss, logs = dm, {"g_dm": dm.detach(), "dm_weight": weight.mean()}
         if self.gan_weight > 0:
-            with frozen_parameters(self):
+            with frozen_leaves(self):
                 logits = self.gan_logits(x0, batch.cond, models, batch.generator)
             adv = torch.stack([nonsaturating_g_loss(lg) for lg in logits]).mean()
             loss = loss + self.gan_weight * adv
@@ -290,6 +291,36 @@ class DMD2(DistillationMethod):
         """The G step's detached student x0 for this batch, or a fresh one under no_grad."""
         cached, self._fake = self._fake, None
         return take_cached_sample(cached, batch, lambda: self.student_x0(batch, models)[0])
+
+
+def same_on_every_rank(value: int, like: Tensor) -> int:
+    """Rank 0's ``value`` on every rank (a broadcast on ``like``'s device; unchanged in one
+    process). The backward-simulation step index sets how many student forwards a step runs;
+    FSDP needs the same sequence of unit forwards on every rank (its collectives and backward
+    prefetch follow it), or the ranks wait on different all-gathers."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    shared = torch.tensor([value], device=like.device, dtype=torch.long)
+    dist.broadcast(shared, src=0)
+    return int(shared.item())
+
+
+@contextmanager
+def frozen_leaves(module: nn.Module) -> Iterator[None]:
+    """Inside the context ``module``'s leaf parameters do not require grad (flags restored after),
+    so the generator's GAN loss gives the fake score no gradient. Under FSDP (use_orig_params) an
+    unsharded unit's parameters are views of its flat parameter, not leaves: FSDP takes their
+    flags from the original parameters, which the StudentModule's ``toggled_optimizer`` freezes
+    before the generator step, so they are left alone here."""
+    params = [p for p in module.parameters() if p.is_leaf]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def gan_token_features(net: nn.Module) -> TokenFeatures:

@@ -1,93 +1,54 @@
-"""The full parameters behind an FSDP-sharded network (FSDP1 with ``use_orig_params=True``, as
-Lightning's FSDPStrategy sets): names without the wrapper prefixes, and per-FSDP-unit gather and
-scatter of values kept in the parameters' local shards (the EMA average). One unit is unsharded
-at a time, so the peak memory is one unit, never the whole model."""
+"""FSDP helpers for the Lightning layer: the parameter helpers of ``fewstep.models.fsdp_params``
+(plain torch, so that methods in ``fewstep.distill`` use them too), re-exported, and the forward
+of the FSDP root that manual optimisation runs each loss through."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from torch import Tensor, nn
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+import lightning.pytorch as pl
 
-# Prefixes FSDP and its activation-checkpointing wrapper insert into parameter names.
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+from fewstep.models.fsdp_params import (
+    WRAPPER_PREFIXES,
+    clean_name,
+    fsdp_root,
+    gather_full,
+    scatter_full,
+)
 
+__all__ = [
+    "WRAPPER_PREFIXES",
+    "clean_name",
+    "fsdp_root",
+    "gather_full",
+    "scatter_full",
+    "through_root_forward",
+]
 
-def clean_name(name: str) -> str:
-    """A parameter name as the unwrapped network spells it."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def fsdp_root(model: nn.Module | None) -> FSDP | None:
-    """``model`` (the strategy's wrapped model) when it is an FSDP root, else None."""
-    if not isinstance(model, FSDP):
-        return None
-    if not model._use_orig_params:
-        raise ValueError(
-            "EMA under FSDP needs use_orig_params=True (FSDPStrategy's default); remove "
-            "use_orig_params: false from trainer.strategy.init_args."
-        )
-    return model
+T = TypeVar("T")
 
 
-def _owned(unit: FSDP) -> list[nn.Parameter]:
-    """The original parameters whose shards ``unit``'s flat parameter holds (nested units hold
-    their own)."""
-    owned, stack = [], [unit.module]
-    while stack:
-        module = stack.pop()
-        owned += list(module.parameters(recurse=False))
-        stack += [child for child in module.children() if not isinstance(child, FSDP)]
-    return owned
+def through_root_forward(pl_module: pl.LightningModule, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` run as a forward of the FSDP root wrapping ``pl_module`` (directly when there
+    is none). FSDP1 registers its backward hooks on the outputs of a finished root forward; a
+    ``manual_backward`` inside ``training_step`` (itself one root forward) reaches the root's
+    gradient hook while the root is still in FORWARD ("Expects BACKWARD_PRE or BACKWARD_POST
+    state but got FORWARD"; Lightning issue #19685). Each loss computed this way is the output of
+    a root forward of its own, and may be backpropagated before ``training_step`` returns."""
+    trainer = pl_module._trainer
+    root = fsdp_root(trainer.strategy.model) if trainer is not None else None
+    if root is None:
+        return fn(*args)
+    inner = root.module
+    original = inner.forward
 
+    def forward(*_: Any, **__: Any) -> T:
+        inner.forward = original  # type: ignore[method-assign]
+        return fn(*args)
 
-def _units(root: FSDP, params: Sequence[nn.Parameter]) -> list[tuple[FSDP, list[int]]]:
-    """(unit, indices into ``params`` it owns), root first (FSDP initialises from the root)."""
-    index = {id(p): i for i, p in enumerate(params)}
-    groups = []
-    for unit in FSDP.fsdp_modules(root):  # pre-order: the root comes first
-        mine = [index[id(p)] for p in _owned(unit) if id(p) in index]
-        if mine or unit is root:
-            groups.append((unit, mine))
-    if sum(len(mine) for _, mine in groups) != len(params):
-        raise RuntimeError("FSDP: some averaged parameters belong to no FSDP unit of the model")
-    return groups
-
-
-def gather_full(
-    root: FSDP, params: Sequence[nn.Parameter], local: Sequence[Tensor], keep: bool
-) -> list[Tensor] | None:
-    """The full tensors whose local shards are ``local`` (aligned with ``params``' shards), on CPU
-    where ``keep`` (e.g. rank 0 only), else None; every rank must call. Each unit in turn: the
-    local values are swapped into its shards, the unit unsharded and read, the shards restored."""
-    full: list[Tensor | None] = [None] * len(params)
-    for unit, mine in _units(root, params):
-        backup = [params[i].detach().clone() for i in mine]
-        for i in mine:
-            params[i].detach().copy_(local[i])
-        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            for i in mine:
-                full[i] = params[i].detach().to("cpu", copy=True) if keep else None
-        for i, saved in zip(mine, backup, strict=True):
-            params[i].detach().copy_(saved)
-    return list(full) if keep else None  # type: ignore[arg-type]
-
-
-def scatter_full(
-    root: FSDP, params: Sequence[nn.Parameter], full: Sequence[Tensor]
-) -> list[Tensor]:
-    """This rank's shards of the full tensors ``full`` (aligned with ``params``); every rank
-    must call with the same values. The inverse of ``gather_full``."""
-    local: list[Tensor | None] = [None] * len(params)
-    for unit, mine in _units(root, params):
-        backup = [params[i].detach().clone() for i in mine]
-        with FSDP.summon_full_params(unit, recurse=False, writeback=True):
-            for i in mine:
-                params[i].detach().copy_(full[i])
-        for i, saved in zip(mine, backup, strict=True):
-            local[i] = params[i].detach().clone()
-            params[i].detach().copy_(saved)
-    return list(local)  # type: ignore[arg-type]
+    inner.forward = forward  # type: ignore[method-assign]
+    try:
+        return root()
+    finally:
+        inner.forward = original  # type: ignore[method-assign]

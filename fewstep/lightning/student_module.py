@@ -18,6 +18,7 @@ from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.lightning.checkpoints import TeacherMismatchError, is_student, load_teacher
 from fewstep.lightning.eval_metrics import Metrics
+from fewstep.lightning.fsdp_params import fsdp_root, through_root_forward
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
@@ -188,6 +189,12 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
             teacher_timesteps=self.teacher_timesteps,
         )
 
+    def on_fit_start(self) -> None:
+        """Under FSDP, hand a method with shadow weights (LCM's θ⁻) the root sharding it."""
+        attach = getattr(self.method, "attach_fsdp_root", None)
+        if attach is not None:
+            attach(fsdp_root(self.trainer.strategy.model))
+
     def train(self, mode: bool = True) -> StudentModule:
         """Train mode for everything but the frozen teacher, which stays in eval mode."""
         super().train(mode)
@@ -299,7 +306,8 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
 
     def _manual_step(self, batch: DistillBatch) -> None:
         """Student step (when due) then discriminator step, each with only its own parameters
-        trainable (toggled), backward through the precision plugin, gradients clipped in
+        trainable (toggled), each loss the output of an FSDP root forward of its own (under FSDP:
+        ``through_root_forward``), backward through the precision plugin, gradients clipped in
         ``on_before_optimizer_step`` (after AMP unscaling); each stepped optimiser's scheduler
         stepped per batch."""
         opt_g, opt_d = self.optimizers()
@@ -307,7 +315,9 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         stepped = [opt_d.optimizer]
         if self.method.generator_step_due(self.global_step):
             with self.toggled_optimizer(opt_g):
-                loss, logs = self.method.generator_loss(batch, self.models)
+                loss, logs = through_root_forward(
+                    self, self.method.generator_loss, batch, self.models
+                )
                 self.manual_backward(loss)
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
@@ -315,7 +325,9 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
             self._log_losses("train/", loss, logs, b)
             stepped.append(opt_g.optimizer)
         with self.toggled_optimizer(opt_d):
-            loss, logs = self.method.discriminator_loss(batch, self.models)
+            loss, logs = through_root_forward(
+                self, self.method.discriminator_loss, batch, self.models
+            )
             self.manual_backward(loss)
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
