@@ -7,11 +7,13 @@ of θ (the target network). Sampled in 1-4 steps by `fewstep.diffusion.samplers.
 from __future__ import annotations
 
 import copy
-import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.diffusion.consistency import ConsistencyDenoiser
 from fewstep.diffusion.denoiser import Denoised, Denoiser
@@ -25,6 +27,8 @@ from fewstep.distill.base import (
     Models,
     add_guidance_embedding,
 )
+from fewstep.models.fsdp_params import in_nested_unit, nested_units, reshards_after_forward
+from fewstep.models.shadow_weights import ShadowWeights, named_tensors, trainable_parameters
 
 Boundary = Literal["auto", "lcm", "x0"]
 Solver = Literal["auto", "ddim", "euler"]
@@ -56,6 +60,8 @@ class ConsistencyDistillation(DistillationMethod):
     uniformly per sample; with `guidance_embedding` the student is w-conditioned (LCM §4.2) and
     sampled at `sample_guidance_scale`. The target θ⁻ starts equal to the student and follows it
     with `target_decay` after each student step; it is no parameter but is saved (extra state).
+    θ⁻ shadows the student's trainable parameters only (a LoRA student's θ⁻ costs its adapters)
+    and is sharded like them under FSDP (the StudentModule calls ``attach_fsdp_root``).
     """
 
     def __init__(
@@ -82,10 +88,20 @@ class ConsistencyDistillation(DistillationMethod):
         self.boundary, self.sigma_data = boundary, sigma_data
         self.timestep_scaling = timestep_scaling
         self.solver = solver
-        self._target: list[nn.Module] = []  # [θ⁻], a plain list: not a parameter or submodule
+        self._student: list[nn.Module] = []  # the student network (a plain list: no submodule)
+        self._root: list[FSDP] = []  # the FSDP root sharding it, once attached
+        self._names: list[str] = []  # its trainable parameters (θ⁻ shadows them)
+        self._shadow: ShadowWeights | None = None
         self._pending: dict[str, Tensor] | None = None
 
-    # --- set-up and the EMA target ---------------------------------------------------------
+    # --- set-up and the EMA target θ⁻ ------------------------------------------------------
+    #
+    # θ⁻ is a shadow copy of the student's TRAINABLE parameters (a LoRA student: its adapters;
+    # frozen weights and buffers are shared with the student). Its prediction swaps the shadows
+    # into the student's parameters in place for one no-grad forward, then restores them. Under
+    # FSDP (use_orig_params) each rank keeps the shards of the parameters that FSDP units inside
+    # the student hold, and full copies of those left to the root unit (gathered during the
+    # training step's root forward); the saved state is full tensors by name either way.
 
     def setup(self, models: Models) -> None:
         """Give the student its guidance embedding (if asked) and make θ⁻ = θ."""
@@ -93,53 +109,120 @@ class ConsistencyDistillation(DistillationMethod):
             add_guidance_embedding(
                 models.student, "ConsistencyDistillation(guidance_embedding=True)"
             )
-        target = copy.deepcopy(models.student.net).requires_grad_(False).eval()
-        self._target = [target]
+        net = models.student.net
+        named = trainable_parameters(net)
+        self._student, self._names = [net], list(named)
+        self._shadow = ShadowWeights.copy_of(self._names, list(named.values()))
         if self._pending is not None:
             self._load_target(self._pending)
 
+    def attach_fsdp_root(self, root: FSDP | None) -> None:
+        """Lay θ⁻ out like the student under ``root``, the FSDP root wrapping it (None: not
+        sharded): this rank's shards for parameters of FSDP units inside the student, full
+        tensors for those of the root unit. Every rank calls (a collective), outside forward."""
+        if root is None or (self._root and self._root[0] is root):
+            return
+        net = self._student_net()
+        units = nested_units(net)
+        bad = [u.sharding_strategy.name for u in units if not reshards_after_forward(u)]
+        if bad:
+            raise ValueError(
+                f"ConsistencyDistillation under FSDP: sharding_strategy {bad[0]} keeps a "
+                "unit's gathered weights from one forward to the next, so θ⁻ could not be "
+                "swapped in; use FULL_SHARD or HYBRID_SHARD in trainer.strategy.init_args."
+            )
+        params = named_tensors(net, self._names)
+        full = [not held for held in in_nested_unit(net, params)]
+        saved = self._pending if self._pending is not None else self._full_state(None)
+        self._shadow = ShadowWeights.from_full(saved, self._names, params, full, root)
+        self._root, self._pending = [root], None
+
+    def _student_net(self) -> nn.Module:
+        if not self._student or self._shadow is None:
+            raise RuntimeError("ConsistencyDistillation: call setup(models) first")
+        return self._student[0]
+
     @property
     def target_network(self) -> nn.Module:
-        """θ⁻, the frozen EMA copy of the student network."""
-        if not self._target:
-            raise RuntimeError("ConsistencyDistillation: call setup(models) first")
-        return self._target[0]
+        """θ⁻ as a network of its own: a frozen copy of the student with the shadow weights in
+        (unsharded runs; a sharded θ⁻ is read from a checkpoint, which holds it gathered)."""
+        net = copy.deepcopy(self._student_net()).requires_grad_(False).eval()
+        if self._root:
+            raise RuntimeError("ConsistencyDistillation.target_network: θ⁻ is sharded (FSDP)")
+        with torch.no_grad():
+            self._sync_device()
+            for param, value in zip(named_tensors(net, self._names), self._values(), strict=True):
+                param.copy_(value)
+        return net
 
-    def _target_on(self, student: nn.Module) -> nn.Module:
-        """θ⁻ on the student's device and dtype."""
-        target, ref = self.target_network, next(student.parameters())
-        mine = next(target.parameters())
-        if (mine.device, mine.dtype) != (ref.device, ref.dtype):
-            target.to(ref.device, ref.dtype)
-        return target
+    def _values(self) -> list[Tensor]:
+        assert self._shadow is not None
+        return self._shadow.values
+
+    def _sync_device(self) -> None:
+        """Unsharded: θ⁻ on the student's device and dtype (the module moves after setup)."""
+        if self._root or self._shadow is None:
+            return
+        params = named_tensors(self._student_net(), self._names)
+        values = self._shadow.values
+        for i, (param, value) in enumerate(zip(params, values, strict=True)):
+            if (value.device, value.dtype) != (param.device, param.dtype):
+                values[i] = value.to(param.device, param.dtype)
+
+    @contextmanager
+    def target_weights(self, net: nn.Module) -> Iterator[None]:
+        """Inside the context the student network ``net`` is θ⁻ (shadows swapped in, eval mode);
+        under FSDP this runs in the training step's root forward (its root unit gathered)."""
+        self._sync_device()
+        assert self._shadow is not None
+        modes = [(m, m.training) for m in net.modules()]
+        net.eval()
+        try:
+            with self._shadow.swapped_into(net):
+                yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
     @torch.no_grad()
     def after_student_step(self, models: Models) -> None:
         """θ⁻ ← decay θ⁻ + (1 - decay) θ (LCM Alg. 1, last line)."""
-        target = self._target_on(models.student.net)
-        student = dict(models.student.net.named_parameters())
-        pairs = [(p, student[n]) for n, p in target.named_parameters() if n in student]
-        torch._foreach_lerp_(
-            [p for p, _ in pairs], [q.detach() for _, q in pairs], 1.0 - self.target_decay
-        )
+        net, shadow = self._student_net(), self._shadow
+        assert shadow is not None
+        self._sync_device()
+        if not self._root or all(not f for f in shadow.full):
+            shadow.lerp_(named_tensors(net, self._names), 1.0 - self.target_decay)
+            return
+        # the root unit's parameters gathered (the nested units' stay this rank's shards)
+        with FSDP.summon_full_params(self._root[0], recurse=False, writeback=False):
+            shadow.lerp_(named_tensors(net, self._names), 1.0 - self.target_decay)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """θ⁻'s weights, so that resume is exact."""
-        if not self._target:
+        """θ⁻'s weights as full tensors by name, so that resume is exact on any number of
+        devices (under FSDP gathered: every rank calls, rank 0 keeps them)."""
+        if self._pending is not None or self._shadow is None:
             return {"target": self._pending or {}}
-        return {"target": self.target_network.state_dict()}
+        return {"target": self._full_state(self._root[0] if self._root else None)}
+
+    def _full_state(self, root: FSDP | None) -> dict[str, Tensor]:
+        assert self._shadow is not None
+        params = named_tensors(self._student_net(), self._names)
+        return self._shadow.full_state(root, params)
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore θ⁻ (kept until setup if the target is not built yet)."""
-        if self._target:
+        """Restore θ⁻ (kept until setup, or until the FSDP root is attached, if the student is
+        sharded). Also reads the old format, the whole target network's state dict."""
+        if self._shadow is not None and not nested_units(self._student[0]):
             self._load_target(state["target"])
         else:
-            self._pending = state["target"]
+            self._pending = state["target"] or None
 
     def _load_target(self, weights: dict[str, Tensor]) -> None:
-        """Copy saved weights into θ⁻."""
+        """Copy saved full weights into θ⁻ (the student unsharded, or its root unit only)."""
         if weights:
-            self.target_network.load_state_dict(weights, strict=True)
+            params = named_tensors(self._student_net(), self._names)
+            full = [True] * len(params)
+            self._shadow = ShadowWeights.from_full(weights, self._names, params, full, None)
         self._pending = None
 
     # --- the consistency function ----------------------------------------------------------
@@ -218,14 +301,13 @@ class ConsistencyDistillation(DistillationMethod):
         x_t = process.add_noise(x0.float(), eps, t).to(x0.dtype)
         cond = batch.cond
         extra = {"guidance": scale} if self.guidance_embedding else {}
-        student = self.consistency_function(models.student)
-        pred = student(x_t, t, **cond, **extra).x0
-        with torch.no_grad():
+        with torch.no_grad():  # θ⁻ first: its weights swap into the student's in place
             guided = ClassifierFreeGuidance(models.teacher, scale, cond, batch.uncond)(x_t, t)
             x_s = self.solver_step(guided, x_t, t, s, process).to(x0.dtype)
-            target_net = self._target_on(models.student.net)
-            target = self.consistency_function(dataclasses.replace(models.student, net=target_net))
-            target_x0 = target(x_s, s, **cond, **extra).x0
+            target = self.consistency_function(models.student)
+            with self.target_weights(models.student.net):
+                target_x0 = target(x_s, s, **cond, **extra).x0
+        pred = self.consistency_function(models.student)(x_t, t, **cond, **extra).x0
         loss = consistency_loss(pred, target_x0, self.loss, self.huber_c)
         logs = {"consistency_loss": loss.detach(), "guidance_scale": scale.mean()}
         return loss, logs

@@ -68,18 +68,32 @@ class ShadowWeights:
         torch._foreach_lerp_(self.values, targets, weight)
 
     @contextmanager
-    def swapped_into(self, params: Sequence[Tensor]) -> Iterator[None]:
-        """Inside the context ``params`` hold the shadow values (copied in place, no autograd);
-        their own values are restored after, bit for bit."""
-        _check_layout(self.names, self.values, params)
+    def swapped_into(self, network: nn.Module) -> Iterator[None]:
+        """Inside the context ``network`` computes with the shadow values (under no_grad; its own
+        values come back bit for bit after). Full-layout shadows replace the parameter tensors
+        of their modules for the context (nothing is written: inside an FSDP forward the root
+        unit's parameters are views of its gathered flat parameter, which must not be modified
+        in place); shards are copied into the parameters' local shards in place and restored
+        (the FSDP units gather them at their next forward)."""
+        slots = parameter_slots(network, self.names)
+        now = [module._parameters[attr] for module, attr in slots]
+        _check_layout(self.names, self.values, now)
+        sharded = [i for i, f in enumerate(self.full) if not f]
         with torch.no_grad():
-            backup = [p.detach().clone() for p in params]
-            torch._foreach_copy_([p.detach() for p in params], self.values)
+            backup = [now[i].detach().clone() for i in sharded]
+            _copy([now[i] for i in sharded], [self.values[i] for i in sharded])
+        for (module, attr), value, tensor, full in zip(
+            slots, self.values, now, self.full, strict=True
+        ):
+            if full:
+                module._parameters[attr] = value.to(tensor.dtype)  # type: ignore[assignment]
         try:
             yield
         finally:
+            for (module, attr), tensor in zip(slots, now, strict=True):
+                module._parameters[attr] = tensor  # type: ignore[assignment]
             with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in params], backup)
+                _copy([now[i] for i in sharded], backup)
 
     def full_state(self, root: FSDP | None, params: Sequence[nn.Parameter]) -> dict[str, Tensor]:
         """The shadows as full CPU tensors by name. Sharded ones are gathered through ``root``
@@ -130,6 +144,24 @@ class ShadowWeights:
 
     def _items(self) -> Iterator[tuple[str, Tensor, bool]]:
         return zip(self.names, self.values, self.full, strict=True)
+
+
+def parameter_slots(network: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) holding each of ``names`` (unwrapped parameter names) in ``network``."""
+    slots = {}
+    for prefix, module in network.named_modules():
+        for attr in module._parameters:
+            slots[clean_name(f"{prefix}.{attr}" if prefix else attr)] = (module, attr)
+    missing = [n for n in names if n not in slots]
+    if missing:
+        raise KeyError(f"the network has no parameters {missing[:5]}")
+    return [slots[n] for n in names]
+
+
+def _copy(params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    """params <- values in place, outside autograd."""
+    if params:
+        torch._foreach_copy_([p.detach() for p in params], list(values))
 
 
 def _check_layout(names: Sequence[str], values: Sequence[Tensor], params: Sequence[Tensor]) -> None:
