@@ -155,6 +155,11 @@ class ConsistencyDistillation(DistillationMethod):
                 param.copy_(value)
         return net
 
+    @property
+    def target_parameter_names(self) -> list[str]:
+        """The student's parameters θ⁻ shadows: its trainable ones (a LoRA student's adapters)."""
+        return list(self._names)
+
     def _values(self) -> list[Tensor]:
         assert self._shadow is not None
         return self._shadow.values
