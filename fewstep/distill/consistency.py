@@ -215,12 +215,19 @@ class ConsistencyDistillation(DistillationMethod):
         return self._shadow.full_state(root, params)
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore θ⁻ (kept until setup, or until the FSDP root is attached, if the student is
-        sharded). Also reads the old format, the whole target network's state dict."""
-        if self._shadow is not None and not nested_units(self._student[0]):
-            self._load_target(state["target"])
+        """Restore θ⁻; before setup, or for a sharded student before the FSDP root is attached,
+        kept until then. Also reads the old format, the whole target network's state dict."""
+        target = state["target"]
+        if not target:
+            return
+        if self._shadow is None or (not self._root and nested_units(self._student[0])):
+            self._pending = target
+        elif self._root:  # FSDP: Lightning restores after on_fit_start, on every rank
+            params = named_tensors(self._student_net(), self._names)
+            full = self._shadow.full
+            self._shadow = ShadowWeights.from_full(target, self._names, params, full, self._root[0])
         else:
-            self._pending = state["target"] or None
+            self._load_target(target)
 
     def _load_target(self, weights: dict[str, Tensor]) -> None:
         """Copy saved full weights into θ⁻ (the student unsharded, or its root unit only)."""

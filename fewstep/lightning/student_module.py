@@ -18,7 +18,7 @@ from fewstep.diffusion.samplers import Sampler
 from fewstep.distill.base import DistillationMethod, DistillBatch, Models
 from fewstep.lightning.checkpoints import TeacherMismatchError, is_student, load_teacher
 from fewstep.lightning.eval_metrics import Metrics
-from fewstep.lightning.fsdp_params import fsdp_root, through_root_forward
+from fewstep.lightning.fsdp_params import clean_name, fsdp_root, through_root_forward
 from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
@@ -138,6 +138,7 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         )
         self.val_num_samples, self.seed, self.grid_samples = val_num_samples, seed, grid_samples
         self.automatic_optimization = method.num_optimizers == 1
+        self.register_load_state_dict_post_hook(_forgive_unsaved_weights)
         self.method.setup(self.models)
         self._build_metrics()
         self.set_eval_metrics(metrics)
@@ -415,8 +416,8 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
                 f"distilled from ('{saved['ckpt']}', sha256 {saved['sha256'][:12]}, use_ema="
                 f"{saved.get('use_ema')}); point model.init_args.teacher_ckpt at that file."
             )
-        state = checkpoint["state_dict"]
-        for name, value in self.teacher.state_dict().items():
+        state = checkpoint.get("state_dict")  # None under FSDP: loaded (strict) before this hook
+        for name, value in self.teacher.state_dict().items() if state is not None else []:
             state.setdefault(TEACHER_PREFIX + name, value)
         self._restore_student_base(checkpoint)
         self._trained_steps = int(checkpoint.get("global_step", 0))  # `validate` starts at 0
@@ -433,13 +434,27 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
             )
         if saved is None:
             return
-        if saved["sha256"] != self.student_base["sha256"]:
+        if saved["sha256"] != self.student_base["sha256"]:  # (under FSDP after the loading)
             raise TeacherMismatchError(
                 f"StudentModule: the LoRA student's base weights (sha256 "
                 f"{self.student_base['sha256'][:12]}) are not those its adapters were trained on "
                 f"(sha256 {saved['sha256'][:12]}); use the teacher_config/teacher_ckpt (or "
                 "student_network) of that run."
             )
+        if "state_dict" not in checkpoint:  # FSDP loaded it, forgiving the base
+            return
         state, base = checkpoint["state_dict"], self.student.state_dict()
         for key in self._base_keys:
             state.setdefault(STUDENT_PREFIX + key, base[key])
+
+
+def _forgive_unsaved_weights(module: StudentModule, keys: Any) -> None:
+    """Strict loading without the weights no checkpoint holds (the frozen teacher, a LoRA
+    student's base): FSDPStrategy loads the model state before ``on_load_checkpoint`` can put
+    them back, so they are dropped from the missing keys and the module keeps its own (the
+    teacher's and the base's sha256 are still checked in ``on_load_checkpoint``)."""
+    base = {STUDENT_PREFIX + key for key in module._base_keys}
+    for key in list(keys.missing_keys):
+        name = clean_name(key)
+        if name.startswith(TEACHER_PREFIX) or name in base:
+            keys.missing_keys.remove(key)
