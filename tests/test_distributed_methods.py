@@ -29,6 +29,7 @@ from fewstep.distill.dmd2 import DMD2
 from fewstep.lightning.checkpoints import load_checkpoint
 from fewstep.lightning.student_module import StudentModule
 from fewstep.models.dit import DiT, PixArtBlock
+from fewstep.models.ladd_discriminator import FeatureDiscriminatorHeads
 from fewstep.models.lora import LoraSettings, add_lora, is_adapter
 from fewstep.models.shadow_weights import ShadowWeights, trainable_parameters
 
@@ -179,10 +180,14 @@ def fit(
     every: int,
     ckpt_path: Path | None = None,
 ) -> pl.Trainer:
-    """FSDP over 2 processes (a unit per PixArtBlock, the rest in the root), batch 2 per rank,
-    a checkpoint every ``every`` optimiser steps."""
+    """FSDP over 2 processes, batch 2 per rank, a checkpoint every ``every`` optimiser steps.
+    FSDP units: one per PixArtBlock, the rest in the root (LCM), or also one per network and GAN
+    head (DMD2: FSDP1 keeps an optimiser's state per unit, so no unit may mix the student's
+    parameters with the fake score's, which the second optimiser steps)."""
+    networks = {DiT, FeatureDiscriminatorHeads} if module.method.num_optimizers == 2 else set()
+    units = {PixArtBlock, *networks}
     fsdp = CPUFSDPStrategy(
-        auto_wrap_policy={PixArtBlock},
+        auto_wrap_policy=units,
         state_dict_type="full",
         timeout=timedelta(seconds=120),  # a rank left waiting fails the test, not hangs it
     )

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
@@ -259,12 +260,21 @@ class DMD2(DistillationMethod):
         x_t = models.process.add_noise(x0, randn(x0.shape, x0, g), t)
         fake = self.fake_denoiser(models)
         tokens = gan_token_features(fake.net)
+        whole = isinstance(fake.net, FSDP)  # an FSDP unit: its forward must run to the end
+        out: list[Tensor] = []
         features = block_features(
-            tokens, lambda: fake.raw(x_t, t, **cond), self.block_indices, x0.shape[-2:]
+            tokens,
+            lambda: out.append(fake.raw(x_t, t, **cond)),
+            self.block_indices,
+            x0.shape[-2:],
+            stop_after_last=not whole,
         )
         grid = tokens.grid(x0.shape[-2:])
         model_time = models.process.model_time(t).float()
-        return self.heads(features, grid, model_time, cond["text"], cond["text_mask"])
+        logits = self.heads(features, grid, model_time, cond["text"], cond["text_mask"])
+        if whole:  # FSDP1 runs a unit's backward from its output: keep it in the graph (+ 0)
+            logits[0] = logits[0] + 0.0 * out[0].float().mean()
+        return logits
 
     def discriminator_loss(
         self, batch: DistillBatch, models: Models

@@ -14,6 +14,7 @@ from fewstep.models.fsdp_params import (
     clean_name,
     fsdp_root,
     gather_full,
+    root_trainable_names,
     scatter_full,
 )
 
@@ -40,6 +41,16 @@ def through_root_forward(pl_module: pl.LightningModule, fn: Callable[..., T], *a
     root = fsdp_root(trainer.strategy.model) if trainer is not None else None
     if root is None:
         return fn(*args)
+    shared = root_trainable_names(root)
+    if shared:
+        raise ValueError(
+            "FSDP with two optimisers: the root FSDP unit holds trainable parameters "
+            f"({', '.join(shared[:3])}, ...), which FSDP1 can neither save per optimiser nor "
+            "freeze per step. Add the networks' classes to trainer.strategy.init_args."
+            "auto_wrap_policy next to the block classes (fewstep.models.dit.DiT or "
+            "fewstep.models.flux.Flux, and fewstep.models.ladd_discriminator."
+            "FeatureDiscriminatorHeads for GAN heads), so that each is an FSDP unit of its own."
+        )
     inner = root.module
     original = inner.forward
 

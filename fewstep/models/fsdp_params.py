@@ -98,6 +98,12 @@ def scatter_full(
     return list(local)  # type: ignore[arg-type]
 
 
+def root_trainable_names(root: FSDP) -> list[str]:
+    """The trainable parameters the root unit itself holds (those of no nested unit), by name."""
+    own = {id(p) for p in _owned(root)}
+    return [clean_name(n) for n, p in root.named_parameters() if id(p) in own and p.requires_grad]
+
+
 def nested_units(network: nn.Module) -> list[FSDP]:
     """The FSDP units inside ``network`` (itself included if it is one), outermost first."""
     return [m for m in network.modules() if isinstance(m, FSDP)]
