@@ -17,8 +17,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from student_fixtures import TinyTeacher, build_tiny_teacher
 from test_distributed import CPUFSDPStrategy, assert_close, on_two_ranks
+from test_flux_dev_recipe import STUDENT, cpu_args, flux_dev, teacher_copy  # noqa: F401  (fixture)
 from torch import nn
 
+from fewstep.cli import run
 from fewstep.data.datamodule import CachedLatentDataModule
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Consistency, Euler
@@ -291,3 +293,54 @@ def test_dmd2_under_fsdp_resumes_exactly(teacher, tmp_path, gan_weight):
     for prefix in ("student.", "method.fake_score.", *(["method.heads."] if gan_weight else [])):
         keys = [k for k in state if k.startswith(prefix)]
         assert keys and any(not torch.equal(state[k], initial[k]) for k in keys), prefix
+
+
+# --- the FLUX.1-dev LCM-LoRA recipe ------------------------------------------------------------
+
+FLUX_BLOCKS = [
+    f"fewstep.models.flux_layers.{b}" for b in ("DoubleStreamBlock", "SingleStreamBlock")
+]
+
+
+def _flux_recipe(rank: int, flux: dict[str, Path], out: Path, steps: int, resume: str) -> None:
+    """configs/student/lcm_flux_dev_lora.yaml (rank-64 LoRA, θ⁻ at decay 0.95) on the tiny
+    FLUX.1 folder, FSDP over the overlay's Flux block units, ``steps`` steps into ``out``
+    (resumed from the run in ``resume``, if given). One fit per pair of processes: the CLI's
+    rank-0 archiving of an earlier run asks ``trainer.log_dir``, a collective once a process
+    group exists."""
+    ckpt = [f"--ckpt_path={next((out.parent / resume).rglob('last.ckpt'))}"] if resume else []
+    recipe = [
+        "-c",
+        str(STUDENT),
+        *cpu_args(flux, out),
+        "--model.init_args.teacher_config",
+        str(teacher_copy(flux)),
+        "--model.init_args.eval_steps=[1]",
+        "--trainer.devices=2",
+        "--trainer.strategy=test_distributed.CPUFSDPStrategy",
+        f"--trainer.strategy.auto_wrap_policy=[{', '.join(FLUX_BLOCKS)}]",
+        "--trainer.strategy.state_dict_type=full",
+        "--trainer.limit_val_batches=0",
+        "--data.init_args.batch_size=2",
+        f"--trainer.max_steps={steps}",
+    ]
+    run(["fit", *recipe, *ckpt])
+
+
+def test_flux_dev_lcm_lora_recipe_under_fsdp_resumes_exactly(flux_dev, tmp_path):  # noqa: F811
+    """The recipe's step 3 (docs/distributed.md) on 2 processes: θ⁻ holds the adapters only,
+    gathered, and a run resumed at step 2 of 3 ends bit-identical (adapters and θ⁻)."""
+    for name, steps, resume in (("straight", 3, ""), ("first", 2, ""), ("resumed", 3, "first")):
+        on_two_ranks(_flux_recipe, flux_dev, tmp_path / name, steps, resume)
+    straight, resumed = (
+        load_checkpoint(next((tmp_path / name).rglob("last.ckpt")))
+        for name in ("straight", "resumed")
+    )
+    assert straight["global_step"] == resumed["global_step"] == 3
+    assert_close(straight["state_dict"], resumed["state_dict"], rtol=0, atol=0)
+    state = straight["state_dict"]
+    adapters = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+    target = state["method._extra_state"]["target"]
+    assert adapters and all(is_adapter(n) for n in adapters)
+    assert {n: v.shape for n, v in target.items()} == {n: v.shape for n, v in adapters.items()}
+    assert any(not torch.equal(target[n], adapters[n]) for n in target)  # θ⁻ lags (decay 0.95)

@@ -98,7 +98,7 @@ class ConsistencyDistillation(DistillationMethod):
     #
     # θ⁻ is a shadow copy of the student's TRAINABLE parameters (a LoRA student: its adapters;
     # frozen weights and buffers are shared with the student). Its prediction swaps the shadows
-    # into the student's parameters in place for one no-grad forward, then restores them. Under
+    # into the student for one no-grad forward (ShadowWeights.swapped_into), then restores it. Under
     # FSDP (use_orig_params) each rank keeps the shards of the parameters that FSDP units inside
     # the student hold, and full copies of those left to the root unit (gathered during the
     # training step's root forward); the saved state is full tensors by name either way.
