@@ -6,11 +6,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from fewstep.lightning.fsdp_params import clean_name, fsdp_root, gather_full, scatter_full
+from fewstep.lightning.fsdp_params import clean_name, fsdp_root
+from fewstep.models.shadow_weights import ShadowWeights, trainable_parameters
 
 
 def warmup_decay(decay: float, num_updates: int) -> float:
@@ -34,7 +34,8 @@ class EMA(pl.Callback):
 
     Under FSDP the average is kept sharded like the parameters (each rank averages its shard),
     named by the full parameter names; the checkpoint stores it gathered to full tensors, the
-    same format as on one device, so a run resumes and exports on any number of devices."""
+    same format as on one device, so a run resumes and exports on any number of devices. The
+    average is a ``ShadowWeights`` (as LCM's target network θ⁻)."""
 
     def __init__(
         self,
@@ -50,14 +51,23 @@ class EMA(pl.Callback):
             raise ValueError(f"EMA update_every must be >= 1, got {update_every}")
         self.decay, self.update_every, self.attribute = decay, update_every, attribute
         self.warmup = warmup
-        self.names: list[str] = []
-        self.shadow: list[Tensor] = []
+        self._weights: ShadowWeights | None = None  # the average, once built
         self.num_updates = 0
         self._steps_seen = 0
         self._last_global_step = -1
         self._loaded: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
         self._module: pl.LightningModule | None = None  # set once the average is built
+
+    @property
+    def names(self) -> list[str]:
+        """The averaged parameters' full names (empty until the average is built)."""
+        return self._weights.names if self._weights is not None else []
+
+    @property
+    def shadow(self) -> list[Tensor]:
+        """The average, aligned with ``names`` (this rank's shards under FSDP)."""
+        return self._weights.values if self._weights is not None else []
 
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network being averaged."""
@@ -86,29 +96,23 @@ class EMA(pl.Callback):
 
     def _ensure_ready(self, pl_module: pl.LightningModule) -> bool:
         """Build the shadow copy (from a loaded checkpoint state if any); False if impossible."""
-        if self.shadow:
+        if self._weights is not None:
             return True
         if self._loaded is None and pl_module.trainer.state.fn != TrainerFn.FITTING:
             return False  # validate/test without a fitted or loaded average: nothing to swap
-        named = [
-            (n, p)
-            for n, p in self._named(pl_module).items()
-            if p.requires_grad and p.is_floating_point()
-        ]
-        self.names = [n for n, _ in named]
+        named = trainable_parameters(self.target(pl_module))
+        names, params = list(named), list(named.values())
         self._module = pl_module
+        root = self._fsdp(pl_module)
+        full = [root is None] * len(params)  # under FSDP every rank averages its shards
         if self._loaded is None:
-            self.shadow = [p.detach().to(average_dtype(p), copy=True) for _, p in named]
+            self._weights = ShadowWeights.copy_of(names, params, full, dtype=average_dtype)
             return True
         saved = self._loaded["shadow"]
-        missing = [n for n in self.names if n not in saved]
+        missing = [n for n in names if n not in saved]
         if missing:
             raise KeyError(f"EMA checkpoint state lacks parameters {missing[:5]}")
-        root = self._fsdp(pl_module)
-        if root is not None:  # every rank holds the full average: keep this rank's shards
-            self.shadow = scatter_full(root, [p for _, p in named], [saved[n] for n in self.names])
-        else:
-            self.shadow = [saved[n].to(p.device, average_dtype(p), copy=True) for n, p in named]
+        self._weights = ShadowWeights.from_full(saved, names, params, full, root, average_dtype)
         self._loaded = None
         return True
 
@@ -137,8 +141,8 @@ class EMA(pl.Callback):
     def update(self, pl_module: pl.LightningModule) -> None:
         """One EMA step: ema = lerp(ema, param, 1 - decay) (decay warmed up if ``warmup``)."""
         self._ensure_ready(pl_module)
-        params = [p.to(s.dtype) for p, s in zip(self._params(pl_module), self.shadow, strict=True)]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - self.current_decay())
+        assert self._weights is not None
+        self._weights.lerp_(self._params(pl_module), 1.0 - self.current_decay())
         self.num_updates += 1
 
     def current_decay(self) -> float:
@@ -203,22 +207,20 @@ class EMA(pl.Callback):
             "decay": self.decay,
             "num_updates": self.num_updates,
             "steps_seen": self._steps_seen,
-            "shadow": dict(zip(self.names, self._full_shadow(), strict=False)),
+            "shadow": self._full_shadow(),
         }
 
-    def _full_shadow(self) -> list[Tensor]:
-        """The average as full CPU tensors; under FSDP gathered (a collective: Lightning asks
-        every rank for callback states) and kept on rank 0 only, which writes checkpoints."""
-        root = self._fsdp(self._module) if self._module is not None else None
-        if root is None:
-            return [t.detach().to("cpu", copy=True) for t in self.shadow]
-        params = self._params(self._module)
-        full = gather_full(root, params, self.shadow, keep=dist.get_rank() == 0)
-        return full if full is not None else []
+    def _full_shadow(self) -> dict[str, Tensor]:
+        """The average as full CPU tensors by name; under FSDP gathered (a collective: Lightning
+        asks every rank for callback states) and kept on rank 0 only, which writes checkpoints."""
+        if self._weights is None or self._module is None:
+            return {}
+        root = self._fsdp(self._module)
+        return self._weights.full_state(root, self._params(self._module))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore on resume; tensors move to the parameters' device at fit start."""
         self._loaded = state_dict
         self.num_updates = int(state_dict.get("num_updates", 0))
         self._steps_seen = int(state_dict.get("steps_seen", 0))
-        self.names, self.shadow, self._module = [], [], None
+        self._weights, self._module = None, None

@@ -7,7 +7,7 @@ number of devices. Plain torch; the owners decide when values are laid out which
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +16,12 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.models.fsdp_params import clean_name, gather_full, scatter_full
+
+DtypeOf = Callable[[Tensor], torch.dtype]  # a parameter -> the dtype its shadow is kept in
+
+
+def _dtype(dtype: DtypeOf | None, param: Tensor) -> torch.dtype:
+    return dtype(param) if dtype is not None else param.dtype
 
 
 def trainable_parameters(network: nn.Module) -> dict[str, nn.Parameter]:
@@ -52,10 +58,11 @@ class ShadowWeights:
         names: Sequence[str],
         params: Sequence[Tensor],
         full: Sequence[bool] | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: DtypeOf | None = None,
     ) -> ShadowWeights:
-        """Detached copies of ``params`` as they are laid out now (in ``dtype`` if given)."""
-        values = [p.detach().to(dtype or p.dtype, copy=True) for p in params]
+        """Detached copies of ``params`` as they are laid out now (each in ``dtype(param)`` if
+        given, else the parameter's dtype)."""
+        values = [p.detach().to(_dtype(dtype, p), copy=True) for p in params]
         return cls(names, values, full if full is not None else [True] * len(values))
 
     @torch.no_grad()
@@ -122,7 +129,7 @@ class ShadowWeights:
         params: Sequence[nn.Parameter],
         full: Sequence[bool],
         root: FSDP | None,
-        dtype: torch.dtype | None = None,
+        dtype: DtypeOf | None = None,
     ) -> ShadowWeights:
         """Shadows from full saved tensors: ``full`` ones copied, the others cut to this rank's
         shards through ``root`` (a collective: every rank calls with the same ``saved``)."""
@@ -130,7 +137,7 @@ class ShadowWeights:
         if missing:
             raise KeyError(f"the saved shadow weights lack parameters {missing[:5]}")
         values: list[Tensor | None] = [
-            saved[n].to(p.device, dtype or p.dtype, copy=True) if f else None
+            saved[n].to(p.device, _dtype(dtype, p), copy=True) if f else None
             for n, p, f in zip(names, params, full, strict=True)
         ]
         local = [i for i, f in enumerate(full) if not f]
@@ -139,7 +146,7 @@ class ShadowWeights:
                 raise RuntimeError("ShadowWeights: sharded shadows need the FSDP root to load")
             cut = scatter_full(root, [params[i] for i in local], [saved[names[i]] for i in local])
             for i, value in zip(local, cut, strict=True):
-                values[i] = value.to(dtype or value.dtype)
+                values[i] = value.to(_dtype(dtype, params[i]))
         return cls(names, values, full)  # type: ignore[arg-type]
 
     def _items(self) -> Iterator[tuple[str, Tensor, bool]]:
