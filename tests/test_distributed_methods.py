@@ -344,3 +344,45 @@ def test_flux_dev_lcm_lora_recipe_under_fsdp_resumes_exactly(flux_dev, tmp_path)
     assert adapters and all(is_adapter(n) for n in adapters)
     assert {n: v.shape for n, v in target.items()} == {n: v.shape for n, v in adapters.items()}
     assert any(not torch.equal(target[n], adapters[n]) for n in target)  # θ⁻ lags (decay 0.95)
+
+
+def _refused(rank: int, teacher: TinyTeacher, out: Path) -> None:
+    """Two FSDP set-ups that cannot work, each refused on every rank with one clear error."""
+    errors = {}
+    for name, make, units, strategy in (
+        ("two_optimisers_root", DMD2Student(teacher, 0.0), {PixArtBlock}, "FULL_SHARD"),
+        ("shard_grad_op", LCM(teacher, None, 0.5), {PixArtBlock}, "SHARD_GRAD_OP"),
+    ):
+        fsdp = CPUFSDPStrategy(
+            auto_wrap_policy=units, sharding_strategy=strategy, timeout=timedelta(seconds=120)
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=fsdp,
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        data = CachedLatentDataModule(str(teacher.cache), batch_size=2, val_fraction=0.25)
+        try:
+            trainer.fit(make(), data)
+        except ValueError as err:
+            errors[name] = str(err)
+    torch.save(errors, out / f"refused{rank}.pt")
+
+
+def test_fsdp_setups_that_cannot_work_are_refused_with_the_fix(teacher, tmp_path):
+    """DMD2 with the student's and the fake score's embedders in one root unit (the block-only
+    wrap policy) names the wrap-policy fix; LCM under SHARD_GRAD_OP names the sharding fix."""
+    on_two_ranks(_refused, teacher, tmp_path)
+    for rank in range(2):
+        errors = torch.load(tmp_path / f"refused{rank}.pt")
+        assert "root FSDP unit holds trainable parameters" in errors["two_optimisers_root"]
+        assert "fewstep.models.dit.DiT" in errors["two_optimisers_root"]
+        assert (
+            "FULL_SHARD" in errors["shard_grad_op"] and "SHARD_GRAD_OP" in errors["shard_grad_op"]
+        )
