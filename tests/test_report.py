@@ -103,7 +103,7 @@ def test_passing_report_tables_numbers_and_images(tmp_path, student_log, teacher
     assert row(md, "**total**")[2] == "2263.0"  # the report's own stage is not counted
     assert row(md, "student")[3] == "lcm: 4-step GenEval overall 0.760 (95.0 % of teacher) at NFE 4"
     assert row(md, "color_attr") == ["color_attr", "0.980"]  # VAE table comes first
-    assert "VAE bar (overall ≥ 0.95): **holds**" in md
+    assert "VAE bar (overall ≥ 0.95): **holds** (0.9800)." in md
     teacher_table = md.split("## Teacher GenEval")[1].split("##")[0]
     assert row(teacher_table, "position") == ["position", "0.600"]
     assert row(teacher_table, "**overall**") == ["**overall**", "0.810"]
@@ -241,3 +241,10 @@ def test_report_flags_students_above_110_percent_and_shows_spread():
     assert "student 1 step" not in lines
     cells = _compare_cells("student 4 steps", rows["student_4"])
     assert "0.600 ± 0.021" in cells and cells[-5:] == ["3.50", "2.25", "0.0125", "0.0030", "1.50"]
+
+
+def test_a_vae_just_under_the_bar_fails_with_the_digits_that_show_why(tmp_path):
+    results = full_results(overall_4=0.76)
+    results["vae"]["reconstruction_geneval"]["overall"] = 0.94974
+    md = write_report(tmp_path / "demo", results, None, None).read_text()
+    assert "VAE bar (overall ≥ 0.95): **fails** (0.9497)." in md
