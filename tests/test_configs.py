@@ -21,8 +21,11 @@ from student_fixtures import (
 
 from fewstep.cli import run
 from fewstep.data.cache import read_manifest
+from fewstep.models.adaptive_weight import AdaptiveWeight
 from fewstep.models.dit import DiT, PixArtBlock
+from fewstep.models.flux import Flux
 from fewstep.models.flux_layers import DoubleStreamBlock, SingleStreamBlock
+from fewstep.models.ladd_discriminator import FeatureDiscriminatorHeads
 from fewstep.models.vae import VAE
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -354,13 +357,24 @@ FSDP_BLOCKS = {
     "pixart_xl.yaml": {PixArtBlock},
     "flux.yaml": {DoubleStreamBlock, SingleStreamBlock},
 }
+# two-optimiser overlays: also a unit per network and per trainable head set (no trainable
+# parameter left to the root unit), still checkpointed per block
+FSDP_BLOCKS["pixart_xl_two_optimizers.yaml"] = FSDP_BLOCKS["pixart_xl.yaml"]
+FSDP_BLOCKS["flux_two_optimizers.yaml"] = FSDP_BLOCKS["flux.yaml"]
+HEADS = {FeatureDiscriminatorHeads, AdaptiveWeight}
+FSDP_UNITS = {
+    **FSDP_BLOCKS,
+    "pixart_xl_two_optimizers.yaml": {PixArtBlock, DiT, *HEADS},
+    "flux_two_optimizers.yaml": {DoubleStreamBlock, SingleStreamBlock, Flux, *HEADS},
+}
 
 
 @pytest.mark.parametrize("path", yamls("fsdp"), ids=lambda p: p.name)
 @pytest.mark.parametrize("base", ["teacher/pixart_sigma_xl2.yaml", "student/dmd2_shapes.yaml"])
 def test_fsdp_overlays_shard_every_block_with_checkpointing(path, base, capsys):
     """``-c <teacher or student yaml> -c configs/fsdp/<x>.yaml`` resolves to an FSDPStrategy
-    whose wrap and activation-checkpointing policies are the network's block classes, with
+    whose activation-checkpointing policy is the network's block classes and whose wrap policy
+    is those blocks (plus, in the two-optimiser overlays, the network and head classes), with
     bf16-mixed precision and one-file (exportable) checkpoints."""
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
@@ -379,7 +393,7 @@ def test_fsdp_overlays_shard_every_block_with_checkpointing(path, base, capsys):
     assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
     wrap = strategy.kwargs["auto_wrap_policy"]
     checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    for policy in (wrap, checkpointing):
+    for policy, classes in ((wrap, FSDP_UNITS), (checkpointing, FSDP_BLOCKS)):
         assert isinstance(policy, ModuleWrapPolicy)
-        assert set(policy._module_classes) == FSDP_BLOCKS[path.name]
+        assert set(policy._module_classes) == classes[path.name]
     assert strategy.kwargs["use_orig_params"]  # the EMA callback's FSDP path needs it
