@@ -120,13 +120,17 @@ class FewstepCLI(LightningCLI):
 
     def _archive_previous_run(self) -> None:
         """A fresh fit (no ``--ckpt_path``) into a folder holding an earlier run moves that run
-        to ``<folder>/previous/<time>/`` (rank 0): curves are not mixed, nothing is lost."""
+        to ``<folder>/previous/<time>/`` (rank 0): curves are not mixed, nothing is lost.
+        ``trainer.log_dir`` is asked on every rank: once a process group exists (a second fit in
+        the same processes) it is a broadcast, and a rank that skipped it would leave the others
+        waiting."""
         fresh = self.config[self.subcommand].get("ckpt_path") is None
+        log_dir = self.trainer.log_dir if fresh else None  # every rank: a collective
         rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        if fresh and rank == 0 and self.trainer.log_dir is not None:
-            moved = archive_previous_run(self.trainer.log_dir)
+        if rank == 0 and log_dir is not None:
+            moved = archive_previous_run(log_dir)
             if moved is not None:
-                print(f"note: the earlier run in {self.trainer.log_dir} moved to {moved}")
+                print(f"note: the earlier run in {log_dir} moved to {moved}")
 
     def before_fit(self) -> None:
         """A first SIGINT/SIGTERM ends the fit after the current batch (GracefulStop); steps

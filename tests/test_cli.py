@@ -209,3 +209,40 @@ def test_a_fresh_fit_into_a_used_folder_moves_the_earlier_run_aside(tmp_path):
     last = next((folder / "checkpoints").glob("*.ckpt"))
     run([*common, "--ckpt_path", str(last), "--trainer.max_steps=2"])
     assert len(list((folder / "previous").iterdir())) == 1  # a resume keeps the folder
+
+
+def _two_fresh_fits(rank: int, out: Path) -> None:
+    """Two fresh fits into one run folder in the same 2 DDP processes (gloo): the second finds a
+    process group and the first run's files. SIGALRM ends a rank left waiting in a collective."""
+    signal.alarm(120)
+    logger = {"save_dir": str(out), "name": "run", "version": ""}
+    fit = [
+        "fit",
+        "--model=lightning.pytorch.demos.boring_classes.BoringModel",
+        "--data=lightning.pytorch.demos.boring_classes.BoringDataModule",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        *(f"--trainer.logger.init_args.{k}={v}" for k, v in logger.items()),
+    ]
+    for _ in range(2):
+        run(fit)
+    signal.alarm(0)
+
+
+def test_a_second_fit_in_the_same_processes_archives_on_rank_zero_without_a_hang(tmp_path):
+    """``trainer.log_dir`` is a collective once a process group exists: every rank asks it, rank
+    0 alone moves the first run aside, and the second fit completes on both ranks."""
+    from test_distributed import on_two_ranks
+
+    on_two_ranks(_two_fresh_fits, tmp_path)
+    folder = tmp_path / "run"
+    (archived,) = list((folder / "previous").iterdir())  # the first run, moved once
+    assert list(archived.glob("events.out.tfevents*")) and list(archived.rglob("*.ckpt"))
+    assert len(list(folder.glob("events.out.tfevents*"))) == 1  # the second run's curves
+    assert list((folder / "checkpoints").glob("*.ckpt"))
