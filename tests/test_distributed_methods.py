@@ -7,6 +7,7 @@ are those of tests/test_distributed.py."""
 from __future__ import annotations
 
 import copy
+import importlib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from student_fixtures import TinyTeacher, build_tiny_teacher
 from test_distributed import CPUFSDPStrategy, assert_close, on_two_ranks
@@ -28,16 +30,25 @@ from fewstep.diffusion.schedules import RectifiedFlow
 from fewstep.distill.base import Models
 from fewstep.distill.consistency import ConsistencyDistillation
 from fewstep.distill.dmd2 import DMD2
+from fewstep.distill.ladd import LADD
+from fewstep.distill.scm import SCM
 from fewstep.lightning.checkpoints import load_checkpoint
 from fewstep.lightning.student_module import StudentModule
 from fewstep.models.dit import DiT, PixArtBlock
-from fewstep.models.ladd_discriminator import FeatureDiscriminatorHeads
 from fewstep.models.lora import LoraSettings, add_lora, is_adapter
 from fewstep.models.shadow_weights import ShadowWeights, trainable_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LORA = LoraSettings(rank=2, target_modules=["attn.qkv", "mlp.fc1"])
+TWO_OPTIMIZERS = Path(__file__).parents[1] / "configs/fsdp/pixart_xl_two_optimizers.yaml"
+
+
+def overlay_units(path: Path) -> set[type]:
+    """The classes an FSDP overlay's auto_wrap_policy names (the tests shard as it does)."""
+    names = yaml.safe_load(path.read_text())["trainer"]["strategy"]["init_args"]
+    split = (name.rpartition(".") for name in names["auto_wrap_policy"])
+    return {getattr(importlib.import_module(module), cls) for module, _, cls in split}
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +194,12 @@ def fit(
     ckpt_path: Path | None = None,
 ) -> pl.Trainer:
     """FSDP over 2 processes, batch 2 per rank, a checkpoint every ``every`` optimiser steps.
-    FSDP units: one per PixArtBlock, the rest in the root (LCM), or also one per network and GAN
-    head (DMD2: FSDP1 keeps an optimiser's state per unit, so no unit may mix the student's
-    parameters with the fake score's, which the second optimiser steps)."""
-    networks = {DiT, FeatureDiscriminatorHeads} if module.method.num_optimizers == 2 else set()
-    units = {PixArtBlock, *networks}
+    FSDP units: one per PixArtBlock, the rest in the root (LCM), or those of
+    configs/fsdp/pixart_xl_two_optimizers.yaml, also one per network and head set (two
+    optimisers: FSDP1 keeps an optimiser's state per unit, so no unit may mix the student's
+    parameters with those the second optimiser steps)."""
+    two = module.method.num_optimizers == 2
+    units = overlay_units(TWO_OPTIMIZERS) if two else {PixArtBlock}
     fsdp = CPUFSDPStrategy(
         auto_wrap_policy=units,
         state_dict_type="full",
@@ -295,6 +307,61 @@ def test_dmd2_under_fsdp_resumes_exactly(teacher, tmp_path, gan_weight):
         assert keys and any(not torch.equal(state[k], initial[k]) for k in keys), prefix
 
 
+class LADDStudent:
+    """Builds the LADD student: heads on both teacher blocks (the teacher's forward runs whole
+    under FSDP), the optional distillation regression to CFG teacher samples."""
+
+    def __init__(self, teacher: TinyTeacher) -> None:
+        self.teacher = teacher
+
+    def __call__(self) -> StudentModule:
+        method = LADD(
+            head_hidden=8, head_cond_dim=8, distill_weight=0.5, teacher_samples_per_step=1
+        )
+        return student(self.teacher, method, None)
+
+
+def test_ladd_under_fsdp_resumes_exactly(teacher, tmp_path):
+    """LADD's student and head steps run under FSDP with the two-optimiser overlay's units (the
+    frozen teacher a unit of its own, its features read from a whole forward); 3 batches = 6
+    optimiser steps, resumed at step 2, end bit-identical: student and heads, both trained."""
+    straight, resumed = run_and_resume(tmp_path, teacher, LADDStudent(teacher), 6, 2)
+    state = straight["state_dict"]
+    assert_close(state, resumed["state_dict"], rtol=0, atol=0)
+    initial = LADDStudent(teacher)().state_dict()
+    for prefix in ("student.", "method.heads."):
+        keys = [k for k in state if k.startswith(prefix)]
+        assert keys and any(not torch.equal(state[k], initial[k]) for k in keys), prefix
+
+
+class SCMStudent:
+    """Builds the sCM student (finite-difference tangent, adaptive weight w_φ, LADD heads)."""
+
+    def __init__(self, teacher: TinyTeacher, ladd: bool, tangent: str = "finite_difference"):
+        self.teacher, self.ladd, self.tangent = teacher, ladd, tangent
+
+    def __call__(self) -> StudentModule:
+        heads = LADD(feature_blocks=[-1], head_hidden=8, head_cond_dim=8) if self.ladd else None
+        method = SCM(tangent=self.tangent, warmup_steps=2, weight_channels=8, ladd=heads)
+        return student(self.teacher, method, None)
+
+
+@pytest.mark.parametrize("ladd", [False, True], ids=["weight", "weight_ladd"])
+def test_scm_under_fsdp_resumes_exactly(teacher, tmp_path, ladd):
+    """sCM (finite-difference tangents: forwards only) with its learned weight w_φ, alone or with
+    LADD's heads, as the second optimiser's units; 3 batches = 6 optimiser steps, resumed at
+    step 2, end bit-identical: student, w_φ, heads and the tangent warm-up clock."""
+    straight, resumed = run_and_resume(tmp_path, teacher, SCMStudent(teacher, ladd), 6, 2)
+    state = straight["state_dict"]
+    assert_close(state, resumed["state_dict"], rtol=0, atol=0)
+    assert int(state["method.student_steps"]) == 3  # one student step per batch
+    initial = SCMStudent(teacher, ladd)().state_dict()
+    prefixes = ["student.", "method.weight_net.", *(["method.ladd.heads."] if ladd else [])]
+    for prefix in prefixes:
+        keys = [k for k in state if k.startswith(prefix)]
+        assert keys and any(not torch.equal(state[k], initial[k]) for k in keys), prefix
+
+
 # --- the FLUX.1-dev LCM-LoRA recipe ------------------------------------------------------------
 
 FLUX_BLOCKS = [
@@ -305,9 +372,7 @@ FLUX_BLOCKS = [
 def _flux_recipe(rank: int, flux: dict[str, Path], out: Path, steps: int, resume: str) -> None:
     """configs/student/lcm_flux_dev_lora.yaml (rank-64 LoRA, θ⁻ at decay 0.95) on the tiny
     FLUX.1 folder, FSDP over the overlay's Flux block units, ``steps`` steps into ``out``
-    (resumed from the run in ``resume``, if given). One fit per pair of processes: the CLI's
-    rank-0 archiving of an earlier run asks ``trainer.log_dir``, a collective once a process
-    group exists."""
+    (resumed from the run in ``resume``, if given)."""
     ckpt = [f"--ckpt_path={next((out.parent / resume).rglob('last.ckpt'))}"] if resume else []
     recipe = [
         "-c",
@@ -327,11 +392,17 @@ def _flux_recipe(rank: int, flux: dict[str, Path], out: Path, steps: int, resume
     run(["fit", *recipe, *ckpt])
 
 
+def _flux_runs(rank: int, flux: dict[str, Path], out: Path) -> None:
+    """The straight run, its first part and the resumed rest, in one pair of processes (three
+    CLI fits after each other, as the CLI allows since every rank asks ``trainer.log_dir``)."""
+    for name, steps, resume in (("straight", 3, ""), ("first", 2, ""), ("resumed", 3, "first")):
+        _flux_recipe(rank, flux, out / name, steps, resume)
+
+
 def test_flux_dev_lcm_lora_recipe_under_fsdp_resumes_exactly(flux_dev, tmp_path):  # noqa: F811
     """The recipe's step 3 (docs/distributed.md) on 2 processes: θ⁻ holds the adapters only,
     gathered, and a run resumed at step 2 of 3 ends bit-identical (adapters and θ⁻)."""
-    for name, steps, resume in (("straight", 3, ""), ("first", 2, ""), ("resumed", 3, "first")):
-        on_two_ranks(_flux_recipe, flux_dev, tmp_path / name, steps, resume)
+    on_two_ranks(_flux_runs, flux_dev, tmp_path)
     straight, resumed = (
         load_checkpoint(next((tmp_path / name).rglob("last.ckpt")))
         for name in ("straight", "resumed")
@@ -347,11 +418,12 @@ def test_flux_dev_lcm_lora_recipe_under_fsdp_resumes_exactly(flux_dev, tmp_path)
 
 
 def _refused(rank: int, teacher: TinyTeacher, out: Path) -> None:
-    """Two FSDP set-ups that cannot work, each refused on every rank with one clear error."""
+    """Three FSDP set-ups that cannot work, each refused on every rank with one clear error."""
     errors = {}
     for name, make, units, strategy in (
         ("two_optimisers_root", DMD2Student(teacher, 0.0), {PixArtBlock}, "FULL_SHARD"),
         ("shard_grad_op", LCM(teacher, None, 0.5), {PixArtBlock}, "SHARD_GRAD_OP"),
+        ("scm_jvp", SCMStudent(teacher, False, "jvp"), overlay_units(TWO_OPTIMIZERS), "FULL_SHARD"),
     ):
         fsdp = CPUFSDPStrategy(
             auto_wrap_policy=units, sharding_strategy=strategy, timeout=timedelta(seconds=120)
@@ -377,12 +449,16 @@ def _refused(rank: int, teacher: TinyTeacher, out: Path) -> None:
 
 def test_fsdp_setups_that_cannot_work_are_refused_with_the_fix(teacher, tmp_path):
     """DMD2 with the student's and the fake score's embedders in one root unit (the block-only
-    wrap policy) names the wrap-policy fix; LCM under SHARD_GRAD_OP names the sharding fix."""
+    wrap policy) names the two-optimiser overlay; LCM under SHARD_GRAD_OP names the sharding fix;
+    sCM's JVP tangent (torch.func.jvp crashes through FSDP units) names the finite-difference
+    tangent. Each is raised at fit start, before any step."""
     on_two_ranks(_refused, teacher, tmp_path)
     for rank in range(2):
         errors = torch.load(tmp_path / f"refused{rank}.pt")
         assert "root FSDP unit holds trainable parameters" in errors["two_optimisers_root"]
         assert "fewstep.models.dit.DiT" in errors["two_optimisers_root"]
+        assert "configs/fsdp/pixart_xl_two_optimizers.yaml" in errors["two_optimisers_root"]
         assert (
             "FULL_SHARD" in errors["shard_grad_op"] and "SHARD_GRAD_OP" in errors["shard_grad_op"]
         )
+        assert "tangent: finite_difference" in errors["scm_jvp"]

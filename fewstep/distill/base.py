@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.samplers import Sampler
@@ -99,6 +100,11 @@ class DistillationMethod(nn.Module):
 
     def after_student_step(self, models: Models) -> None:
         """Hook after each student optimiser step (e.g. the EMA-target update)."""
+
+    def attach_fsdp_root(self, root: FSDP | None) -> None:
+        """Hook at fit start with the FSDP root wrapping the StudentModule (None when not
+        sharded): methods that keep weights laid out like the student's (LCM's θ⁻) shard them
+        here. Every rank calls it, outside any forward; a no-op by default."""
 
 
 def add_guidance_embedding(student: Denoiser, method: str) -> None:

@@ -16,14 +16,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.diffusion.denoiser import Denoiser
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
@@ -40,7 +38,8 @@ from fewstep.distill.base import (
 from fewstep.distill.ladd import randn, unit_to_process_time
 from fewstep.models.ladd_discriminator import (
     FeatureDiscriminatorHeads,
-    block_features,
+    frozen_parameters,
+    network_features,
     resolve_blocks,
     token_features,
 )
@@ -239,7 +238,7 @@ class DMD2(DistillationMethod):
         dm = dm_surrogate(x0, grad)
         loss, logs = dm, {"g_dm": dm.detach(), "dm_weight": weight.mean()}
         if self.gan_weight > 0:
-            with frozen_leaves(self):
+            with frozen_parameters(self):
                 logits = self.gan_logits(x0, batch.cond, models, batch.generator)
             adv = torch.stack([nonsaturating_g_loss(lg) for lg in logits]).mean()
             loss = loss + self.gan_weight * adv
@@ -260,21 +259,12 @@ class DMD2(DistillationMethod):
         x_t = models.process.add_noise(x0, randn(x0.shape, x0, g), t)
         fake = self.fake_denoiser(models)
         tokens = gan_token_features(fake.net)
-        whole = isinstance(fake.net, FSDP)  # an FSDP unit: its forward must run to the end
-        out: list[Tensor] = []
-        features = block_features(
-            tokens,
-            lambda: out.append(fake.raw(x_t, t, **cond)),
-            self.block_indices,
-            x0.shape[-2:],
-            stop_after_last=not whole,
+        features = network_features(  # a sharded fake score: a whole forward, kept in the graph
+            fake.net, tokens, lambda: fake.raw(x_t, t, **cond), self.block_indices, x0.shape[-2:]
         )
         grid = tokens.grid(x0.shape[-2:])
         model_time = models.process.model_time(t).float()
-        logits = self.heads(features, grid, model_time, cond["text"], cond["text_mask"])
-        if whole:  # FSDP1 runs a unit's backward from its output: keep it in the graph (+ 0)
-            logits[0] = logits[0] + 0.0 * out[0].float().mean()
-        return logits
+        return self.heads(features, grid, model_time, cond["text"], cond["text_mask"])
 
     def discriminator_loss(
         self, batch: DistillBatch, models: Models
@@ -313,24 +303,6 @@ def same_on_every_rank(value: int, like: Tensor) -> int:
     shared = torch.tensor([value], device=like.device, dtype=torch.long)
     dist.broadcast(shared, src=0)
     return int(shared.item())
-
-
-@contextmanager
-def frozen_leaves(module: nn.Module) -> Iterator[None]:
-    """Inside the context ``module``'s leaf parameters do not require grad (flags restored after),
-    so the generator's GAN loss gives the fake score no gradient. Under FSDP (use_orig_params) an
-    unsharded unit's parameters are views of its flat parameter, not leaves: FSDP takes their
-    flags from the original parameters, which the StudentModule's ``toggled_optimizer`` freezes
-    before the generator step, so they are left alone here."""
-    params = [p for p in module.parameters() if p.is_leaf]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def gan_token_features(net: nn.Module) -> TokenFeatures:

@@ -32,8 +32,8 @@ from fewstep.distill.base import (
 from fewstep.models.discriminator import hinge_d_loss, hinge_g_loss
 from fewstep.models.ladd_discriminator import (
     FeatureDiscriminatorHeads,
-    block_features,
     frozen_parameters,
+    network_features,
     resolve_blocks,
     token_features,
 )
@@ -202,8 +202,11 @@ class LADD(DistillationMethod):
     def teacher_features(
         self, teacher: Denoiser, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]
     ) -> list[Tensor]:
-        """Image-token features [B, N, D] of the chosen teacher blocks at (x_t, t) via hooks."""
-        return block_features(
+        """Image-token features [B, N, D] of the chosen teacher blocks at (x_t, t) via hooks (a
+        sharded teacher's forward runs to the end whatever ``stop_after_last_block`` says:
+        ``network_features``)."""
+        return network_features(
+            teacher.net,
             teacher_token_features(teacher.net),
             lambda: teacher.raw(x_t, t, **cond),
             self.block_indices,

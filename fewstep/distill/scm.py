@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.diffusion.continuous_consistency import (
     adaptive_weighted_loss,
@@ -90,6 +91,19 @@ class SCM(DistillationMethod):
         """Set up the LADD part (its heads on the teacher's sizes), if any."""
         if self.ladd is not None:
             self.ladd.setup(models)
+
+    def attach_fsdp_root(self, root: FSDP | None) -> None:
+        """Under FSDP, refuse JVP tangents (one clear error on every rank at fit start) and hand
+        the root to the LADD part."""
+        if root is not None and self.tangent == "jvp":
+            raise ValueError(
+                "SCM tangent 'jvp' under FSDP: torch.func.jvp cannot run through FSDP units "
+                "(forward-mode AD over weights that FSDP gathers and frees in its hooks crashes "
+                "the processes); set model.init_args.method.init_args.tangent: "
+                "finite_difference (central differences, forwards only)."
+            )
+        if self.ladd is not None:
+            self.ladd.attach_fsdp_root(root)
 
     def student_denoiser(self, student: Denoiser) -> Denoiser:
         """The student in TrigFlow coordinates: its x0 is f_θ(x_t, t) (sampled by Consistency);

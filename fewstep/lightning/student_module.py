@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.diffusion.guidance import guidance_passes
 from fewstep.diffusion.samplers import Sampler
@@ -23,6 +24,7 @@ from fewstep.lightning.latent_module import LatentDiffusionModule
 from fewstep.lightning.sampling import generate
 from fewstep.lightning.student_eval import StudentEvaluation
 from fewstep.lightning.teacher_module import default_optimizer, network_denoiser
+from fewstep.models.fsdp_params import root_trainable_names
 from fewstep.models.lora import LoraSettings, add_lora, is_adapter, merged
 from fewstep.utils.fingerprint import weights_hash
 
@@ -191,10 +193,12 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         )
 
     def on_fit_start(self) -> None:
-        """Under FSDP, hand a method with shadow weights (LCM's θ⁻) the root sharding it."""
-        attach = getattr(self.method, "attach_fsdp_root", None)
-        if attach is not None:
-            attach(fsdp_root(self.trainer.strategy.model))
+        """Hand the method the FSDP root sharding it (None when not sharded): LCM's θ⁻ is laid
+        out like the student there."""
+        root = fsdp_root(self.trainer.strategy.model)
+        if root is not None and self.method.num_optimizers == 2:
+            _refuse_shared_root_unit(root, type(self.method).__name__)
+        self.method.attach_fsdp_root(root)
 
     def train(self, mode: bool = True) -> StudentModule:
         """Train mode for everything but the frozen teacher, which stays in eval mode."""
@@ -446,6 +450,22 @@ class StudentModule(StudentEvaluation, LatentDiffusionModule):
         state, base = checkpoint["state_dict"], self.student.state_dict()
         for key in self._base_keys:
             state.setdefault(STUDENT_PREFIX + key, base[key])
+
+
+def _refuse_shared_root_unit(root: FSDP, method: str) -> None:
+    """One clear error at fit start when two optimisers would share the FSDP root unit."""
+    shared = root_trainable_names(root)
+    if shared:
+        raise ValueError(
+            f"FSDP with two optimisers ({method}): the root FSDP unit holds trainable parameters "
+            f"({', '.join(shared[:3])}, ...), which FSDP1 can neither save per optimiser nor "
+            "freeze per step. Use the two-optimiser overlay, -c "
+            "configs/fsdp/pixart_xl_two_optimizers.yaml or -c configs/fsdp/flux_two_optimizers"
+            ".yaml, or add the network classes (fewstep.models.dit.DiT or fewstep.models.flux."
+            "Flux) and the heads' (fewstep.models.ladd_discriminator.FeatureDiscriminatorHeads, "
+            "fewstep.models.adaptive_weight.AdaptiveWeight) to trainer.strategy.init_args."
+            "auto_wrap_policy, so that each is an FSDP unit of its own."
+        )
 
 
 def _forgive_unsaved_weights(module: StudentModule, keys: Any) -> None:

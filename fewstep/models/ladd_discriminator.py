@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from fewstep.models.dit import TIMESTEP_FREQ_DIM, timestep_embedding
 from fewstep.models.token_features import TokenFeatures
@@ -93,6 +94,28 @@ def block_features(
         except _StopForward:
             pass
     return [features.image_tokens(captured[i], gh * gw) for i in indices]
+
+
+def network_features(
+    net: nn.Module,
+    features: TokenFeatures,
+    call: Callable[[], Tensor],
+    indices: Sequence[int],
+    latent_hw: Sequence[int],
+    stop_after_last: bool = True,
+) -> list[Tensor]:
+    """``block_features`` of the network ``net`` that ``call()`` runs. When ``net`` is an FSDP
+    unit its forward runs to the end and its output stays in the graph of anything built on the
+    features (0 x its mean is added to the first): FSDP1 runs a unit's backward from its output,
+    where it registers the hooks that gather the unit's weights again."""
+    whole = isinstance(net, FSDP)
+    out: list[Tensor] = []
+    found = block_features(
+        features, lambda: out.append(call()), indices, latent_hw, stop_after_last and not whole
+    )
+    if whole:
+        found[0] = found[0] + 0.0 * out[0].mean().to(found[0].dtype)
+    return found
 
 
 def pooled_text(text: Tensor, text_mask: Tensor) -> Tensor:
@@ -183,9 +206,13 @@ class FeatureDiscriminatorHeads(nn.Module):
 
 @contextmanager
 def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Inside the context ``module``'s parameters do not require grad (each flag restored after),
-    so a loss built there gives them no gradient (as Lightning's toggle_optimizer)."""
-    params = list(module.parameters())
+    """Inside the context ``module``'s leaf parameters do not require grad (each flag restored
+    after), so a loss built there gives them no gradient (as Lightning's toggle_optimizer). Under
+    FSDP (use_orig_params) an unsharded unit's parameters are views of its flat parameter, not
+    leaves, and cannot be flagged: FSDP takes their flags from the original parameters, which the
+    StudentModule's ``toggled_optimizer`` freezes for the other optimiser's step, so they are left
+    alone here."""
+    params = [p for p in module.parameters() if p.is_leaf]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
