@@ -364,15 +364,33 @@ def test_scm_under_fsdp_resumes_exactly(teacher, tmp_path, ladd):
 
 # --- the FLUX.1-dev LCM-LoRA recipe ------------------------------------------------------------
 
-FLUX_BLOCKS = [
-    f"fewstep.models.flux_layers.{b}" for b in ("DoubleStreamBlock", "SingleStreamBlock")
+FLUX_OVERLAY = TWO_OPTIMIZERS.with_name("flux.yaml")
+FLUX_TWO_OPTIMIZERS = TWO_OPTIMIZERS.with_name("flux_two_optimizers.yaml")
+# the recipe with DMD2 (GAN head on the last single block) instead of LCM: the issue's
+# FLUX.1-dev LoRA DMD2 step, with the two-optimiser overlay's units
+FLUX_DMD2 = [
+    "--model.init_args.method=fewstep.distill.dmd2.DMD2",
+    "--model.init_args.method.init_args.fake_steps_per_generator_step=1",
+    "--model.init_args.method.init_args.gan_weight=0.5",
+    "--model.init_args.method.init_args.head_hidden=8",
+    "--model.init_args.method.init_args.head_cond_dim=8",
+    "--model.init_args.disc_optimizer=torch.optim.AdamW",
+    "--model.init_args.disc_optimizer.lr=0.001",
 ]
 
 
-def _flux_recipe(rank: int, flux: dict[str, Path], out: Path, steps: int, resume: str) -> None:
+def wrap_policy_arg(path: Path) -> str:
+    """The overlay's auto_wrap_policy as a command-line setting for the CPU FSDP strategy."""
+    names = yaml.safe_load(path.read_text())["trainer"]["strategy"]["init_args"]
+    return f"--trainer.strategy.auto_wrap_policy=[{', '.join(names['auto_wrap_policy'])}]"
+
+
+def _flux_recipe(
+    rank: int, flux: dict[str, Path], out: Path, steps: int, resume: str, extra: list[str]
+) -> None:
     """configs/student/lcm_flux_dev_lora.yaml (rank-64 LoRA, θ⁻ at decay 0.95) on the tiny
-    FLUX.1 folder, FSDP over the overlay's Flux block units, ``steps`` steps into ``out``
-    (resumed from the run in ``resume``, if given)."""
+    FLUX.1 folder, FSDP over the Flux overlay's units, ``steps`` steps into ``out`` (resumed from
+    the run in ``resume``, if given); ``extra``: further settings (another method, its units)."""
     ckpt = [f"--ckpt_path={next((out.parent / resume).rglob('last.ckpt'))}"] if resume else []
     recipe = [
         "-c",
@@ -383,38 +401,66 @@ def _flux_recipe(rank: int, flux: dict[str, Path], out: Path, steps: int, resume
         "--model.init_args.eval_steps=[1]",
         "--trainer.devices=2",
         "--trainer.strategy=test_distributed.CPUFSDPStrategy",
-        f"--trainer.strategy.auto_wrap_policy=[{', '.join(FLUX_BLOCKS)}]",
+        wrap_policy_arg(FLUX_OVERLAY),
         "--trainer.strategy.state_dict_type=full",
         "--trainer.limit_val_batches=0",
         "--data.init_args.batch_size=2",
         f"--trainer.max_steps={steps}",
     ]
-    run(["fit", *recipe, *ckpt])
+    run(["fit", *recipe, *extra, *ckpt])
 
 
-def _flux_runs(rank: int, flux: dict[str, Path], out: Path) -> None:
+def _flux_runs(
+    rank: int, flux: dict[str, Path], out: Path, steps: int, every: int, extra: list[str]
+) -> None:
     """The straight run, its first part and the resumed rest, in one pair of processes (three
     CLI fits after each other, as the CLI allows since every rank asks ``trainer.log_dir``)."""
-    for name, steps, resume in (("straight", 3, ""), ("first", 2, ""), ("resumed", 3, "first")):
-        _flux_recipe(rank, flux, out / name, steps, resume)
+    for name, n, resume in (
+        ("straight", steps, ""),
+        ("first", every, ""),
+        ("resumed", steps, "first"),
+    ):
+        _flux_recipe(rank, flux, out / name, n, resume, extra)
+
+
+def flux_run_and_resume(flux: dict[str, Path], out: Path, steps: int, every: int, *extra: str):
+    """(uninterrupted, resumed) last checkpoints of the Flux recipe on 2 processes."""
+    on_two_ranks(_flux_runs, flux, out, steps, every, list(extra))
+    straight, resumed = (
+        load_checkpoint(next((out / name).rglob("last.ckpt"))) for name in ("straight", "resumed")
+    )
+    assert straight["global_step"] == resumed["global_step"] == steps
+    assert_close(straight["state_dict"], resumed["state_dict"], rtol=0, atol=0)
+    return straight
 
 
 def test_flux_dev_lcm_lora_recipe_under_fsdp_resumes_exactly(flux_dev, tmp_path):  # noqa: F811
     """The recipe's step 3 (docs/distributed.md) on 2 processes: θ⁻ holds the adapters only,
     gathered, and a run resumed at step 2 of 3 ends bit-identical (adapters and θ⁻)."""
-    on_two_ranks(_flux_runs, flux_dev, tmp_path)
-    straight, resumed = (
-        load_checkpoint(next((tmp_path / name).rglob("last.ckpt")))
-        for name in ("straight", "resumed")
-    )
-    assert straight["global_step"] == resumed["global_step"] == 3
-    assert_close(straight["state_dict"], resumed["state_dict"], rtol=0, atol=0)
+    straight = flux_run_and_resume(flux_dev, tmp_path, 3, 2)
     state = straight["state_dict"]
     adapters = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     target = state["method._extra_state"]["target"]
     assert adapters and all(is_adapter(n) for n in adapters)
     assert {n: v.shape for n, v in target.items()} == {n: v.shape for n, v in adapters.items()}
     assert any(not torch.equal(target[n], adapters[n]) for n in target)  # θ⁻ lags (decay 0.95)
+
+
+def test_flux_dev_dmd2_lora_under_fsdp_resumes_exactly(flux_dev, tmp_path):  # noqa: F811
+    """The recipe with DMD2 and its GAN head (a rank-64 LoRA student, a full fake score, heads)
+    under the units of configs/fsdp/flux_two_optimizers.yaml on 2 processes: a run resumed at
+    step 2 of 4 (student and fake-score steps alternate) ends bit-identical, and adapters, fake
+    score and heads all train; only the student's adapters are saved."""
+    straight = flux_run_and_resume(
+        flux_dev, tmp_path, 4, 2, *FLUX_DMD2, wrap_policy_arg(FLUX_TWO_OPTIMIZERS)
+    )
+    state = straight["state_dict"]
+    student = [k for k in state if k.startswith("student.")]
+    assert student and all(is_adapter(k) for k in student)
+    halfway = load_checkpoint(next((tmp_path / "first").rglob("last.ckpt")))["state_dict"]
+    for prefix in ("student.", "method.fake_score.", "method.heads."):  # steps 2 and 3 train all
+        keys = [k for k in state if k.startswith(prefix)]
+        assert keys and any(not torch.equal(state[k], halfway[k]) for k in keys), prefix
 
 
 def _refused(rank: int, teacher: TinyTeacher, out: Path) -> None:
