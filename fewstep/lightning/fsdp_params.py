@@ -46,7 +46,9 @@ def through_root_forward(pl_module: pl.LightningModule, fn: Callable[..., T], *a
         raise ValueError(
             "FSDP with two optimisers: the root FSDP unit holds trainable parameters "
             f"({', '.join(shared[:3])}, ...), which FSDP1 can neither save per optimiser nor "
-            "freeze per step. Add the networks' classes to trainer.strategy.init_args."
+            "freeze per step. Use the two-optimiser overlay, -c configs/fsdp/"
+            "pixart_xl_two_optimizers.yaml or -c configs/fsdp/flux_two_optimizers.yaml, or add "
+            "the networks' classes to trainer.strategy.init_args."
             "auto_wrap_policy next to the block classes (fewstep.models.dit.DiT or "
             "fewstep.models.flux.Flux, and fewstep.models.ladd_discriminator."
             "FeatureDiscriminatorHeads for GAN heads), so that each is an FSDP unit of its own."
