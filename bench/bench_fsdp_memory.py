@@ -9,11 +9,12 @@ a network holds outside its blocks) and the LoRA adapters L (the linears LoraSet
     python bench/bench_fsdp_memory.py --network pixart_sigma_xl2 --method teacher \\
       --weights fp32 --ema
 
-Measure (``--measure``, CUDA): one `fewstep fit` step of the given YAMLs under FSDP, then every
-rank prints torch.cuda.max_memory_allocated beside the estimate:
+Measure (``--measure``, CUDA): ``--steps`` training steps of the given YAMLs under FSDP (no
+logger, validation or checkpoint), then every rank prints torch.cuda.max_memory_allocated beside
+the estimate:
 
     python bench/bench_fsdp_memory.py --measure --network flux_dev --method lcm_lora \\
-      -c configs/student/lcm_flux_dev_lora.yaml -c configs/fsdp/flux.yaml
+      -c configs/student/lcm_flux_dev_lora.yaml -c configs/fsdp/flux.yaml [more fit arguments]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,25 +209,44 @@ def print_report(report: dict, a: argparse.Namespace) -> None:
     print(f"{'total (estimate)':<62} {'':<34} {total:7.2f} {total / BAR_GB:6.3f}")
 
 
+def has_cuda() -> bool:
+    """Whether CUDA GPUs are visible (the one thing --measure needs that a CPU lacks)."""
+    return torch.cuda.is_available()
+
+
 def measure(a: argparse.Namespace, report: dict) -> None:
-    """One `fewstep fit` step of ``a.config`` (every rank runs this under Lightning's launcher),
-    then each rank's torch.cuda.max_memory_allocated beside the estimate."""
-    if not torch.cuda.is_available():
+    """``a.steps`` training steps of the ``-c`` YAMLs (every rank runs this under Lightning's
+    launcher; no logger, validation or checkpoint), then each rank's peak allocation."""
+    if not has_cuda():
         raise SystemExit("--measure needs CUDA GPUs (none visible); run the estimate without it.")
     if not a.config:
-        raise SystemExit(
-            "--measure needs the run's YAMLs: -c <student or teacher> -c <fsdp overlay>."
-        )
-    from fewstep.cli import run
+        raise SystemExit("--measure needs the run's YAMLs: -c <student or teacher> -c <overlay>.")
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    args = [x for c in a.config for x in ("-c", c)]
-    steps = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false"]
-    run(["fit", *args, *steps, f"--trainer.devices={a.gpus}", *a.override])
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    peak = torch.cuda.max_memory_allocated() / GB
-    est = report["total_gb"]
-    print(f"rank {rank}: max_memory_allocated {peak:.2f} GB ({peak / BAR_GB:.3f} of 60 GB); "
-          f"estimate {est:.2f} GB (measured/estimate {peak / est:.3f})", flush=True)  # fmt: skip
+    from fewstep.cli import FewstepCLI
+
+    args = [x for c in a.config for x in ("-c", c)] + [
+        f"--trainer.max_steps={a.steps}", f"--trainer.devices={a.gpus}",
+        "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false", f"--data.init_args.batch_size={a.batch}",
+        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='fsdp_memory_')}", *a.override,
+    ]  # fmt: skip
+    cli = FewstepCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True,
+        subclass_mode_data=True, args=args, run=False,
+    )  # fmt: skip
+    trainer = cli.trainer
+    drop = (ModelCheckpoint, LearningRateMonitor)  # no checkpoint written; no logger to watch
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, drop)]
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    peak, est = torch.cuda.max_memory_allocated() / GB, report["total_gb"]
+    print(
+        f"rank {trainer.global_rank}: max_memory_allocated {peak:.2f} GB "
+        f"({peak / BAR_GB:.3f} of 60 GB); estimate {est:.2f} GB (measured/estimate "
+        f"{peak / est:.3f})",
+        flush=True,
+    )
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -244,10 +265,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ema", action="store_true", help="an EMA callback (float32 average)")
     p.add_argument("--gan", action="store_true", help="DMD2 with its GAN head (gan_weight > 0)")
     p.add_argument("--json", type=Path, help="write the report here")
-    p.add_argument("--measure", action="store_true", help="run one step on CUDA GPUs")
+    p.add_argument("--measure", action="store_true", help="run training steps on CUDA GPUs")
+    p.add_argument("--steps", type=int, default=6, help="--measure: optimiser steps (DMD2: 1 + 5)")
     p.add_argument("-c", "--config", action="append", default=[], help="fit YAMLs (--measure)")
-    p.add_argument("--override", nargs="*", default=[], help="more fit arguments (--measure)")
-    return p.parse_args(argv)
+    a, a.override = p.parse_known_args(argv)  # the rest: fit arguments, e.g. --trainer.num_nodes=2
+    if a.override and not a.measure:
+        p.error(f"unrecognized arguments: {' '.join(a.override)} (fit arguments need --measure)")
+    return a
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -128,7 +128,7 @@ def test_every_figure_in_the_docs_table_is_the_scripts(bench):
 
 
 def test_measure_without_cuda_stops_with_one_clear_message(bench, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "has_cuda", lambda: False)
     with pytest.raises(SystemExit, match="--measure needs CUDA GPUs"):
         bench.main(["--network", TINY_DIT, "--method", "lcm_lora", "--measure"])
     assert "total (estimate)" in capsys.readouterr().out
