@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from fewstep.models.dit import DiT, PixArtBlock  # noqa: E402
 from fewstep.models.flux import Flux  # noqa: E402
+from fewstep.models.flux_io import flux_kwargs_from_folder, flux_root  # noqa: E402
 from fewstep.models.flux_layers import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
 from fewstep.models.ladd_discriminator import FeatureDiscriminatorHeads  # noqa: E402
 from fewstep.models.lora import LoraSettings  # noqa: E402
@@ -50,6 +51,7 @@ CUDA_CONTEXT_GB = 2.0  # CUDA context and allocator slack
 NETWORKS = {"flux_dev": None, "pixart_sigma_xl2": "configs/model/dit/pixart_sigma_xl2.yaml"}
 METHODS = ("teacher", "lcm_lora", "dmd2_lora", "dmd2_full")
 BYTES = {"bf16": 2, "fp32": 4}
+PRETRAINED_FLUX = "fewstep.models.flux_io.PretrainedFlux"
 
 
 @dataclass
@@ -77,20 +79,40 @@ class Term:
 
 
 def build_network(spec: str, device: str = "meta") -> nn.Module:
-    """``flux_dev`` (Flux() defaults are FLUX.1-dev's), ``pixart_sigma_xl2``, or a network YAML
-    (class_path fewstep.models.flux.Flux / fewstep.models.dit.DiT with init_args)."""
+    """``flux_dev`` (Flux() defaults are FLUX.1-dev's), ``pixart_sigma_xl2``, or a YAML: a network
+    (class_path Flux / DiT / PretrainedFlux with init_args) or a fit config, whose
+    model.init_args.network (or teacher_config's, for a student) is read."""
     if spec == "flux_dev":
         with torch.device(device):
             return Flux()
-    path = Path(NETWORKS.get(spec) or spec)
-    if not path.is_file() and not (ROOT / path).is_file():
-        raise ValueError(f"--network {spec}: not {sorted(NETWORKS)} nor a network YAML file.")
-    cfg = yaml.safe_load((path if path.is_file() else ROOT / path).read_text())
+    cfg = network_config(NETWORKS.get(spec) or spec)
+    kwargs = dict(cfg.get("init_args") or {})
+    if cfg.get("class_path") == PRETRAINED_FLUX:  # its folder's config, else FLUX.1-dev's
+        folder = ROOT / kwargs.get("path", "")
+        kwargs = flux_kwargs_from_folder(flux_root(folder)) if folder.is_dir() else {}
+        cfg = {"class_path": "fewstep.models.flux.Flux"}
     classes = {"fewstep.models.flux.Flux": Flux, "fewstep.models.dit.DiT": DiT}
     if cfg.get("class_path") not in classes:
-        raise ValueError(f"--network {spec}: class_path must be one of {sorted(classes)}.")
+        choices = sorted([*classes, PRETRAINED_FLUX])
+        raise ValueError(f"--network {spec}: the network's class_path must be one of {choices}.")
     with torch.device(device):
-        return classes[cfg["class_path"]](**cfg.get("init_args", {}))
+        return classes[cfg["class_path"]](**kwargs)
+
+
+def network_config(spec: str) -> dict:
+    """The network's {class_path, init_args} from a network YAML or a fit config."""
+    path = Path(spec) if Path(spec).is_file() else ROOT / spec
+    if not path.is_file():
+        raise ValueError(f"--network {spec}: not {sorted(NETWORKS)} nor a YAML file.")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if "model" not in cfg:
+        return cfg
+    init = cfg["model"].get("init_args") or {}
+    if init.get("network"):
+        return init["network"]
+    if init.get("teacher_config"):  # a student: the teacher's network (its copy, or the base)
+        return network_config(str(init["teacher_config"]))
+    raise ValueError(f"--network {spec}: no model.init_args.network or teacher_config in it.")
 
 
 def lora_count(net: nn.Module, settings: LoraSettings) -> int:
@@ -132,10 +154,11 @@ def head_count(c: Counts, gan: bool) -> int:
     return sum(p.numel() for p in heads.parameters())
 
 
-def sample_activation_bytes(c: Counts, px: int, text_tokens: int) -> float:
+def sample_activation_bytes(c: Counts, px: int, text_tokens: int, vae: int = VAE_FACTOR) -> float:
     """One sample's differentiated forward with per-block checkpointing: every block's bf16
     input kept, plus one block's internals (RECOMPUTE_WIDTHS token widths) while recomputed."""
-    tokens = px * px * c.image_tokens_per_px2 + (text_tokens if c.joint_text else 0)
+    tokens = px * px * c.image_tokens_per_px2 / (vae / VAE_FACTOR) ** 2
+    tokens += text_tokens if c.joint_text else 0
     return (c.blocks + RECOMPUTE_WIDTHS) * tokens * c.width * 2
 
 
@@ -176,7 +199,7 @@ def terms(c: Counts, method: str, a: argparse.Namespace) -> list[Term]:
     add("two gathered bf16 block units (current + prefetch)", 2 * 2, "U", c.largest_unit, False)
     add(f"{roots} networks' root parts gathered (bf16)", 2 * roots, "R", c.root, False)
     fwd = 3 if (method.startswith("dmd2") and a.gan) else 1
-    act = sample_activation_bytes(c, a.px, a.text_tokens)
+    act = sample_activation_bytes(c, a.px, a.text_tokens, a.vae_factor)
     tokens = "(blocks + 28)·tokens·width·2"
     out.append(
         Term(f"activations: {fwd}×batch {a.batch} forwards", tokens, fwd * a.batch * act / GB)
@@ -240,11 +263,12 @@ def measure(a: argparse.Namespace, report: dict) -> None:
     drop = (ModelCheckpoint, LearningRateMonitor)  # no checkpoint written; no logger to watch
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, drop)]
     trainer.fit(cli.model, datamodule=cli.datamodule)
-    peak, est = torch.cuda.max_memory_allocated() / GB, report["total_gb"]
+    peak, reserved = torch.cuda.max_memory_allocated() / GB, torch.cuda.max_memory_reserved() / GB
+    est = report["total_gb"] - CUDA_CONTEXT_GB  # allocated memory holds no CUDA context
     print(
-        f"rank {trainer.global_rank}: max_memory_allocated {peak:.2f} GB "
-        f"({peak / BAR_GB:.3f} of 60 GB); estimate {est:.2f} GB (measured/estimate "
-        f"{peak / est:.3f})",
+        f"rank {trainer.global_rank}: max_memory_allocated {peak:.2f} GB ({peak / BAR_GB:.3f} of "
+        f"60 GB), max_memory_reserved {reserved:.2f} GB; estimate without the CUDA context "
+        f"{est:.2f} GB (measured/estimate {peak / est:.3f})",
         flush=True,
     )
 
@@ -252,12 +276,16 @@ def measure(a: argparse.Namespace, report: dict) -> None:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--network", default="flux_dev", help=f"{sorted(NETWORKS)} or a network YAML")
+    p.add_argument(
+        "--network",
+        help=f"{sorted(NETWORKS)}, a network or fit YAML (default: the first -c, else flux_dev)",
+    )
     p.add_argument("--method", default="dmd2_lora", choices=METHODS)
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--px", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2, help="samples per GPU")
     p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS)
+    p.add_argument("--vae-factor", type=int, default=VAE_FACTOR, help="pixels per latent (8)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--lora-targets", nargs="*", default=None, help="default: the family's")
     p.add_argument("--weights", choices=BYTES, default="bf16", help="trained networks' dtype")
@@ -269,6 +297,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="--measure: optimiser steps (DMD2: 1 + 5)")
     p.add_argument("-c", "--config", action="append", default=[], help="fit YAMLs (--measure)")
     a, a.override = p.parse_known_args(argv)  # the rest: fit arguments, e.g. --trainer.num_nodes=2
+    a.network = a.network or (a.config[0] if a.config else "flux_dev")
     if a.override and not a.measure:
         p.error(f"unrecognized arguments: {' '.join(a.override)} (fit arguments need --measure)")
     return a

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fewstep.models.dit import PixArtBlock
 from fewstep.models.flux import Flux
@@ -78,7 +79,8 @@ def test_lora_count_equals_the_trainable_count_of_the_peft_wrapped_network(bench
 @pytest.mark.parametrize("gan", [False, True])
 def test_total_is_the_sum_of_the_terms_and_each_term_its_formula(bench, method, gan):
     args = ["--network", TINY_DIT, "--method", method, "--gpus", "4", "--px", "128", "--batch", "3"]
-    a = bench.parse(args + ["--lora-rank", "2", "--weights", "fp32", "--ema"] + ["--gan"] * gan)
+    extra = ["--lora-rank", "2", "--weights", "fp32", "--ema"] + ["--gan"] * gan
+    a = bench.parse(args + extra)
     report = bench.estimate(bench.build_network(TINY_DIT), a)
     c = report["counts"]
     assert report["total_gb"] == pytest.approx(sum(t["gb"] for t in report["terms"]))
@@ -91,10 +93,14 @@ def test_total_is_the_sum_of_the_terms_and_each_term_its_formula(bench, method, 
             assert term["gb"] == pytest.approx(value)
             checked += 1
     assert checked >= 3
-    # activations: (28 blocks + 28 recompute widths) x 64 patch tokens x width 32 x 2 B per sample
+    # activations: (2 blocks + 28 recompute widths) x (128 / 8 / 2)^2 = 64 patch tokens x width
+    # 32 x 2 B per sample
     act = next(t for t in report["terms"] if t["name"].startswith("activations"))
     forwards = 3 if gan and method.startswith("dmd2") else 1
     assert act["gb"] == pytest.approx(forwards * 3 * (2 + 28) * 64 * 32 * 2 / 1e9)
+    small = bench.parse([*args[:-4], *extra, "--px", "64", "--vae-factor", "4", "--batch", "3"])
+    small_act = bench.estimate(bench.build_network(TINY_DIT), small)["terms"][-2]
+    assert small_act["gb"] == pytest.approx(act["gb"])  # (64 / 4 / 2)^2: the same 64 tokens
 
 
 def test_flux_dev_counts_equal_diffusers_and_peft(bench):
@@ -132,3 +138,19 @@ def test_measure_without_cuda_stops_with_one_clear_message(bench, capsys, monkey
     with pytest.raises(SystemExit, match="--measure needs CUDA GPUs"):
         bench.main(["--network", TINY_DIT, "--method", "lcm_lora", "--measure"])
     assert "total (estimate)" in capsys.readouterr().out
+
+
+def test_fit_configs_resolve_to_their_network(bench):
+    flux_shapes = yaml.safe_load((ROOT / "configs/teacher/flux_shapes.yaml").read_text())
+    real = Flux(**flux_shapes["model"]["init_args"]["network"]["init_args"])
+    assert numel(bench.build_network("configs/teacher/flux_shapes.yaml")) == numel(real)
+    # a student: its teacher_config's network; PretrainedFlux without its folder: FLUX.1-dev
+    student = bench.build_network("configs/student/lcm_flux_dev_lora.yaml")
+    assert numel(student) == 11_901_408_320
+    pixart = bench.build_network("configs/teacher/pixart_sigma_xl2.yaml")
+    assert numel(pixart) == numel(bench.build_network("pixart_sigma_xl2")) == 610_856_096
+    assert bench.parse(["-c", "configs/teacher/flux_shapes.yaml"]).network.endswith(
+        "flux_shapes.yaml"
+    )
+    with pytest.raises(ValueError, match="--network nowhere.yaml: not"):
+        bench.build_network("nowhere.yaml")
