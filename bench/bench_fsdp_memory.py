@@ -162,50 +162,57 @@ def sample_activation_bytes(c: Counts, px: int, text_tokens: int, vae: int = VAE
     return (c.blocks + RECOMPUTE_WIDTHS) * tokens * c.width * 2
 
 
-def terms(c: Counts, method: str, a: argparse.Namespace) -> list[Term]:
-    """The per-GPU terms of ``method`` (docs/distributed.md, "Memory per GPU")."""
+def term(name: str, coeff: float, symbol: str, value: int, gpus: int | None) -> Term:
+    """``coeff`` bytes per ``symbol`` (a count ``value``), sharded over ``gpus`` (None: whole)."""
+    div = f" / {gpus}" if gpus else ""
+    return Term(name, f"{coeff:g}·{symbol}{div}", coeff * value / (gpus or 1) / GB)
+
+
+def state_terms(c: Counts, method: str, a: argparse.Namespace) -> list[Term]:
+    """Sharded weights, gradients, Adam states (and EMA) of every network ``method`` holds."""
     if method not in METHODS:
         raise ValueError(f"--method {method}: choose one of {METHODS}.")
     n, w, t = a.gpus, BYTES[a.weights], BYTES[a.teacher_weights]
     e = 4 if a.ema else 0  # the EMA keeps a float32 average of every trainable parameter
     opt = 4 * w + e  # weight w + grad w + Adam m, v 2w (torch keeps them in the weight's dtype)
-    opt_txt = f"{4 * w}" + (" + 4 EMA" if e else "")
-    P, L, H = c.total, c.lora, head_count(c, a.gan and method.startswith("dmd2"))
-    out: list[Term] = []
-
-    def add(name: str, coeff: float, symbol: str, value: int, per_gpu: bool = True) -> None:
-        div = f" / {n}" if per_gpu else ""
-        out.append(
-            Term(name, f"{coeff:g}·{symbol}{div}", coeff * value / (n if per_gpu else 1) / GB)
-        )
-
+    kept = f"{4 * w}" + (" + 4 EMA" if e else "")
+    P, L = c.total, c.lora
     if method == "teacher":
-        add(f"network, trained: weight, grad, Adam m, v ({opt_txt} B)", opt, "P", P)
-    else:
-        add(f"frozen teacher ({a.teacher_weights})", t, "P", P)
+        return [term(f"network, trained: weight, grad, Adam m, v ({kept} B)", opt, "P", P, n)]
+    out = [term(f"frozen teacher ({a.teacher_weights})", t, "P", P, n)]
     if method.endswith("_lora"):
-        add(f"student base, frozen ({a.weights})", w, "P", P)
-        add("its flat gradient (FSDP1 units mixing frozen and trainable)", w, "P", P)
-        add(f"adapters: weight, grad, Adam m, v ({opt_txt} B)", opt, "L", L)
-    if method == "dmd2_full":
-        add(f"student, trained ({opt_txt} B)", opt, "P", P)
+        out.append(term(f"student base, frozen ({a.weights})", w, "P", P, n))
+        out.append(
+            term("its flat gradient (FSDP1 units mixing frozen and trainable)", w, "P", P, n)
+        )
+        out.append(term(f"adapters: weight, grad, Adam m, v ({kept} B)", opt, "L", L, n))
     if method == "lcm_lora":
-        add(f"LCM target θ⁻: shadows of the adapters ({a.weights})", w, "L", L)
+        out.append(term(f"LCM target θ⁻: shadows of the adapters ({a.weights})", w, "L", L, n))
+    if method == "dmd2_full":
+        out.append(term(f"student, trained ({kept} B)", opt, "P", P, n))
     if method.startswith("dmd2"):
-        add(f"fake score, full copy trained ({4 * w} B, no EMA)", 4 * w, "P", P)
-        if H:
-            add(f"GAN heads ({4 * w} B)", 4 * w, "H", H)
-    roots = 1 if method == "teacher" else 2
-    add("two gathered bf16 block units (current + prefetch)", 2 * 2, "U", c.largest_unit, False)
-    add(f"{roots} networks' root parts gathered (bf16)", 2 * roots, "R", c.root, False)
-    fwd = 3 if (method.startswith("dmd2") and a.gan) else 1
-    act = sample_activation_bytes(c, a.px, a.text_tokens, a.vae_factor)
-    tokens = "(blocks + 28)·tokens·width·2"
-    out.append(
-        Term(f"activations: {fwd}×batch {a.batch} forwards", tokens, fwd * a.batch * act / GB)
-    )
-    out.append(Term("CUDA context and allocator slack", "", CUDA_CONTEXT_GB))
+        out.append(term(f"fake score, full copy trained ({4 * w} B, no EMA)", 4 * w, "P", P, n))
+        if a.gan:
+            out.append(term(f"GAN heads ({4 * w} B)", 4 * w, "H", head_count(c, True), n))
     return out
+
+
+def step_terms(c: Counts, method: str, a: argparse.Namespace) -> list[Term]:
+    """What one step adds: gathered units and root parts, activations, the CUDA context."""
+    roots = 1 if method == "teacher" else 2
+    fwd = 3 if (method.startswith("dmd2") and a.gan) else 1
+    act = fwd * a.batch * sample_activation_bytes(c, a.px, a.text_tokens, a.vae_factor) / GB
+    return [
+        term("two gathered bf16 block units (current + prefetch)", 4, "U", c.largest_unit, None),
+        term(f"{roots} networks' root parts gathered (bf16)", 2 * roots, "R", c.root, None),
+        Term(f"activations: {fwd}×batch {a.batch} forwards", "(blocks + 28)·tokens·width·2", act),
+        Term("CUDA context and allocator slack", "", CUDA_CONTEXT_GB),
+    ]
+
+
+def terms(c: Counts, method: str, a: argparse.Namespace) -> list[Term]:
+    """The per-GPU terms of ``method`` (docs/distributed.md, "Memory per GPU")."""
+    return state_terms(c, method, a) + step_terms(c, method, a)
 
 
 def estimate(net: nn.Module, a: argparse.Namespace) -> dict:
