@@ -207,10 +207,14 @@ def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list
     """CLI arguments running a teacher YAML on CPU with the tiny cache and VAE, cheaply."""
     base = cpu_sized(base_config(path) if is_overlay(path) else path, tmp_path)
     overlay = ["-c", str(path)] if is_overlay(path) else []
+    model = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+    # a graft names a run's checkpoint; grafting is tested in tests/test_text_refiner.py
+    graft = ["--model.init_args.init_weights=null"] if model.get("init_weights") else []
     return [
         "-c",
         str(base),
         *overlay,
+        *graft,
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
         "--trainer.default_root_dir",
