@@ -88,6 +88,18 @@ def _cli(args: list[str]) -> Any:
     return run(args)
 
 
+def _fit(args: list[str]) -> None:
+    """``fewstep fit <args>`` in this process; a fit stopped by SIGINT/SIGTERM (its exact
+    ``last.ckpt`` written) ends the demo with 128 + the signal instead of counting as finished,
+    so a rerun resumes it rather than evaluating a half-trained model."""
+    from fewstep.lightning.interrupt import exit_status
+
+    status = exit_status(getattr(_cli(["fit", *args]), "trainer", None))
+    if status:
+        print(f"fit interrupted (exit {status}); rerun the demo to resume from last.ckpt")
+        raise SystemExit(status)
+
+
 def _last_checkpoint(log_dir: Path) -> list[str]:
     """``--ckpt_path`` arguments resuming from ``log_dir/checkpoints/last.ckpt`` if present."""
     last = log_dir / "checkpoints" / "last.ckpt"
@@ -112,7 +124,7 @@ def _fit_once(
         return {"reused_fit_seconds": _fit_seconds(log_dir)}
     start = time.time()
     no_val = ["--trainer.limit_val_batches", "0"]
-    _cli(["fit", *_config_args(config), *(extra or []), *no_val, *_last_checkpoint(log_dir)])
+    _fit([*_config_args(config), *(extra or []), *no_val, *_last_checkpoint(log_dir)])
     log_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"fit_seconds": round(time.time() - start, 1)}) + "\n")
     return {}
@@ -256,7 +268,7 @@ def stage_vae() -> dict[str, Any]:
             data = [
                 f"--data.init_args.{split}={_folder_dataset(folder)}" for split in ("train", "val")
             ]
-        _cli(["fit", "-c", str(config), *data, *_last_checkpoint(profile.run_dir / "vae_training")])
+        _fit(["-c", str(config), *data, *_last_checkpoint(profile.run_dir / "vae_training")])
     if folder is not None:  # the reconstruction score needs shapes-world specs
         return {"data": str(folder), "vae": str(vae_dir)}
     device = "cuda" if torch.cuda.is_available() else "cpu"

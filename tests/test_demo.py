@@ -69,6 +69,25 @@ def test_fit_runs_once_records_its_time_and_is_reused(tmp_path, monkeypatch):
     assert demo._fit_once(tmp_path / "c.yaml", tmp_path) == {"reused_fit_seconds": 0.0}
 
 
+def test_an_interrupted_fit_is_not_marked_finished_and_ends_the_demo(tmp_path, monkeypatch):
+    """A SIGTERM'd fit returns normally from LightningCLI (with its exact last.ckpt); the demo
+    must stop with 143 and resume it next time, not validate a half-trained model."""
+    import signal
+    from types import SimpleNamespace
+
+    from fewstep.lightning.interrupt import GracefulStop
+
+    stopped = GracefulStop()
+    stopped.received = signal.SIGTERM
+    monkeypatch.setattr(
+        demo, "_cli", lambda args: SimpleNamespace(trainer=SimpleNamespace(callbacks=[stopped]))
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        demo._fit_once(tmp_path / "c.yaml", tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "FINISHED").exists()
+
+
 def test_unknown_profile_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("FEWSTEP_DEMO_PROFILE", "tpu")
     with pytest.raises(SystemExit, match="FEWSTEP_DEMO_PROFILE='tpu'.*cpu.*gpu"):

@@ -66,7 +66,7 @@ class FakeCli:
             self.fail_once = None
             raise RuntimeError("interrupted")
         metrics = {"val/teacher/geneval/overall": 0.5, "val/student_1/geneval/overall": 0.4}
-        return SimpleNamespace(trainer=SimpleNamespace(callback_metrics=metrics))
+        return SimpleNamespace(trainer=SimpleNamespace(callback_metrics=metrics, callbacks=[]))
 
 
 def test_each_method_runs_in_turn_and_an_interrupted_run_resumes(run_dir, monkeypatch):
@@ -188,7 +188,7 @@ def test_reflow_with_a_shipped_teacher_draws_its_couplings_from_the_teacher_yaml
     def cli(args: list[str]) -> SimpleNamespace:
         calls.append(args)
         metrics = {"val/teacher/geneval/overall": 0.5, "val/student_1/geneval/overall": 0.4}
-        return SimpleNamespace(trainer=SimpleNamespace(callback_metrics=metrics))
+        return SimpleNamespace(trainer=SimpleNamespace(callback_metrics=metrics, callbacks=[]))
 
     monkeypatch.setattr(demo, "_cli", cli)
     monkeypatch.setattr(demo, "_reflow_on_cache", lambda log_dir: ([], "validated on the cache"))
