@@ -58,8 +58,12 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def merge(base: Any, overlay: Any) -> Any:
-    """``overlay`` layered on ``base``: mappings merge key by key, anything else is replaced (as
-    a second ``-c`` config does for overlays that keep their class paths)."""
+    """``overlay`` layered on ``base`` as a second ``-c`` config is: mappings merge key by key,
+    anything else is replaced, and a mapping naming another ``class_path`` replaces the whole
+    mapping (its init_args do not inherit the other class's)."""
+    other_class = isinstance(overlay, dict) and "class_path" in overlay
+    if other_class and isinstance(base, dict) and base.get("class_path") != overlay["class_path"]:
+        return overlay
     if isinstance(base, dict) and isinstance(overlay, dict):
         return {**base, **{k: merge(base.get(k), v) for k, v in overlay.items()}}
     return overlay
