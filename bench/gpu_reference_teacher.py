@@ -134,6 +134,7 @@ def run_probe(args: argparse.Namespace, work: Path, names: list[str]) -> dict[st
         patches = {
             **CANDIDATES[name],
             **schedule_patches(args.probe_steps, 10, 1, work / "probe", name),
+            "trainer.log_every_n_steps": 10,
             **args.extra,
         }
         config = patched(TEACHER, patches, work / "probe" / f"{name}.yaml")
@@ -190,12 +191,15 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = work / "cache"
-    args.extra = {"data.init_args.path": str(cache_dir)}
+    size = 600 if args.dry_run else args.cache_size
+    args.extra = {
+        "data.init_args.path": str(cache_dir),
+        "data.init_args.val_fraction": min(0.1, 512 / size),  # 512 held-out samples
+    }
     if args.dry_run:
         args.extra.update(
             {
                 "data.init_args.batch_size": 16,
-                "data.init_args.val_fraction": 0.1,
                 "model.init_args.val_num_samples": 16,
                 "data.init_args.num_workers": 1,
                 "trainer.limit_val_batches": 1,
