@@ -42,10 +42,7 @@ CACHE = [
 ]
 CANDIDATES: dict[str, dict[str, Any]] = {  # patches on TEACHER
     "gpu_ref": {},
-    "gpu_ref_b2048": {
-        "data.init_args.batch_size": 2048,
-        "model.init_args.optimizer.init_args.lr": 0.003,
-    },
+    "gpu_ref_lr1e-3": {"model.init_args.optimizer.init_args.lr": 0.001},
     "gpu_norefiner": {"model.init_args.network.init_args.text_refiner_depth": 0},
 }
 SCORE = "geneval/overall"

@@ -93,3 +93,53 @@ def test_schedule_runs_dependents_after_success_and_skips_after_failure(
     assert "failed" in results["orphan"]["skipped"]
     assert "not in the plan" in results["lost"]["skipped"]
     assert results["child"] == {"returncode": 0}
+
+
+def test_merge_replaces_a_mapping_of_another_class(sweep) -> None:
+    """As a second -c config does: a new class_path does not inherit the old init_args."""
+    base = {"lr_scheduler": {"class_path": "LinearLR", "init_args": {"total_iters": 200}}}
+    same = {"lr_scheduler": {"class_path": "LinearLR", "init_args": {"start_factor": 0.1}}}
+    other = {"lr_scheduler": {"class_path": "WSD", "init_args": {"total_steps": 9}}}
+    assert sweep.merge(base, same)["lr_scheduler"]["init_args"] == {
+        "total_iters": 200,
+        "start_factor": 0.1,
+    }
+    assert sweep.merge(base, other) == other
+    assert sweep.merge(base, {"lr_scheduler": {"init_args": {"x": 1}}})["lr_scheduler"] == {
+        "class_path": "LinearLR",
+        "init_args": {"total_iters": 200, "x": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def gpu_driver(sweep):
+    path = ROOT / "bench" / "gpu_reference_teacher.py"
+    spec = importlib.util.spec_from_file_location("gpu_reference_teacher", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_driver_config_fits_its_length(gpu_driver, tmp_path: Path) -> None:
+    """The layered GPU recipe with a run's length: one WSD schedule (no LinearLR arguments
+    left), total_steps = max_steps, validation, CFG grid and checkpoints at the same interval."""
+    patches = gpu_driver.schedule_patches(900, 50, 3, tmp_path, "cand")
+    config = yaml.safe_load(
+        gpu_driver.patched(gpu_driver.TEACHER, patches, tmp_path / "c.yaml").read_text()
+    )
+    scheduler = config["model"]["init_args"]["lr_scheduler"]
+    assert scheduler["class_path"].endswith("WarmupStableDecay")
+    assert set(scheduler["init_args"]) == {"total_steps", "warmup_steps", "decay_fraction"}
+    assert scheduler["init_args"]["total_steps"] == config["trainer"]["max_steps"] == 900
+    callbacks = config["trainer"]["callbacks"]
+    assert callbacks[1]["init_args"]["every_n_steps"] == 300
+    assert callbacks[2]["init_args"]["every_n_train_steps"] == 300
+    assert config["trainer"]["val_check_interval"] == 300
+    assert config["model"]["init_args"]["network"]["init_args"]["text_refiner_depth"] == 2
+
+
+def test_gpu_driver_steps_fit_the_time_left(gpu_driver) -> None:
+    """(100 s - 20 s start-up - 2 validations of 5 s) at 90 % of 10 steps/s = 630 -> 600."""
+    timing = {"steps_per_s": 10.0, "startup_s": 20.0, "val_s": 5.0}
+    assert gpu_driver.steps_for(timing, 100.0, 2, 200) == 600
+    assert gpu_driver.steps_for(timing, 10.0, 2, 200) == 200  # never below one multiple
