@@ -143,3 +143,45 @@ def test_gpu_driver_steps_fit_the_time_left(gpu_driver) -> None:
     timing = {"steps_per_s": 10.0, "startup_s": 20.0, "val_s": 5.0}
     assert gpu_driver.steps_for(timing, 100.0, 2, 200) == 600
     assert gpu_driver.steps_for(timing, 10.0, 2, 200) == 200  # never below one multiple
+
+
+def test_gpu_import_joins_halves_and_points_config_home(tmp_path: Path) -> None:
+    """The returned halves join into one state dict (overlap is an error), and the run's config
+    reads the local cache and VAE, in float32, without the EMA callback."""
+    import io
+    import tarfile
+
+    import torch
+
+    path = ROOT / "bench" / "gpu_reference_import.py"
+    spec = importlib.util.spec_from_file_location("gpu_reference_import", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    meta = {"global_step": 800, "weights": "ema"}
+    torch.save({"state_dict": {"a": torch.ones(2)}, "meta": meta}, tmp_path / "c_ema_0.pt")
+    torch.save({"state_dict": {"b": torch.zeros(3)}, "meta": meta}, tmp_path / "c_ema_1.pt")
+    ckpt = module.joined_checkpoint(tmp_path, "c")
+    assert set(ckpt["state_dict"]) == {"a", "b"} and ckpt["global_step"] == 800
+    config = {
+        "trainer": {
+            "precision": "bf16-mixed",
+            "limit_val_batches": 1,
+            "logger": {"init_args": {"save_dir": "/x"}},
+            "callbacks": [{"class_path": "fewstep.lightning.ema.EMA"}, {"class_path": "M"}],
+        },
+        "model": {"init_args": {"vae_path": ".gpu/vae"}},
+        "data": {"init_args": {"path": "/x/cache", "batch_size": 256}},
+    }
+    raw = yaml.safe_dump(config).encode()
+    with tarfile.open(tmp_path / "logs.tgz", "w:gz") as tar:
+        info = tarfile.TarInfo("runs/c/config.yaml")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    local = module.local_config(tmp_path, "c", tmp_path / "out" / "c")
+    assert local["data"]["init_args"]["path"] == "runs/reference/cache"
+    assert local["model"]["init_args"]["vae_path"] == "runs/reference/vae"
+    assert local["trainer"]["precision"] == "32-true"
+    assert [c["class_path"] for c in local["trainer"]["callbacks"]] == ["M"]
+    torch.save({"state_dict": {"a": torch.ones(2)}, "meta": meta}, tmp_path / "c_ema_1.pt")
+    with pytest.raises(ValueError, match="overlap"):
+        module.joined_checkpoint(tmp_path, "c")
