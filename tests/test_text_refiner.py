@@ -158,3 +158,23 @@ def test_teacher_module_init_weights_starts_the_fit_from_the_checkpoint(tmp_path
         TeacherModule(
             DiT(**KW), RectifiedFlow(), "velocity", init_weights=str(tmp_path / "missing.ckpt")
         )
+
+
+def test_position_std_sets_the_initial_positions_and_keeps_the_config():
+    """``text_refiner_position_std`` is the initial positions' std (init only: the exported
+    config, and so fingerprints, do not change); the function stays the identity at init."""
+    torch.manual_seed(0)
+    small = DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=512)
+    large = DiT(
+        **KW, text_refiner_depth=1, text_refiner_max_tokens=512, text_refiner_position_std=0.5
+    )
+    assert small.text_refiner.positions.std().item() == pytest.approx(0.02, rel=0.1)
+    assert large.text_refiner.positions.std().item() == pytest.approx(0.5, rel=0.1)
+    assert small.config() == large.config()
+    x, t, text, mask = _inputs()
+    base = DiT(**KW)
+    base.load_state_dict({k: v for k, v in large.state_dict().items() if "text_refiner" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(large(x, t, text, mask), base(x, t, text, mask))
+    with pytest.raises(ValueError, match="position_std"):
+        DiT(**KW, text_refiner_depth=1, text_refiner_position_std=0.0)

@@ -214,13 +214,15 @@ class DiT(nn.Module):
         text_refiner_depth: int = 0,
         text_refiner_width: int | None = None,
         text_refiner_max_tokens: int = 512,
+        text_refiner_position_std: float = 0.02,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
         sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
         then starts near zero, which a larger value may help). ``text_refiner_depth`` > 0 adds a
         ``TextRefiner`` (learned token positions + self-attention over the text tokens at width
         ``text_refiner_width``, default ``hidden_size``; identity at initialisation) before the
-        caption projection; 0 is PixArt-Σ exactly."""
+        caption projection; 0 is PixArt-Σ exactly. ``text_refiner_position_std``: the std of
+        its initial token positions (init only, so not in ``config()``)."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
@@ -283,6 +285,7 @@ class DiT(nn.Module):
                 num_heads,
                 text_refiner_depth,
                 text_refiner_max_tokens,
+                text_refiner_position_std,
             )
             if text_refiner_depth > 0
             else None
