@@ -343,3 +343,14 @@ def test_bad_teacher_paths_name_the_file(teacher, tmp_path):
         )
     with pytest.raises(ValueError, match="eval_steps"):
         student(teacher, sampler=Euler(timesteps=[1.0, 0.5]), eval_steps=[1, 4])
+
+
+def test_eval_table_names_a_shipped_teacher_by_its_config() -> None:
+    """A shipped teacher has no checkpoint: the table names its teacher.yaml, not `None`."""
+    from fewstep.lightning.student_eval import teacher_label
+
+    shipped = {"config": "assets/ref/teacher.yaml", "ckpt": "None", "sha256": "ab"}
+    trained = {"config": "runs/t/config.yaml", "ckpt": "runs/t/last.ckpt", "sha256": "ab"}
+    assert teacher_label(shipped) == "assets/ref/teacher.yaml"
+    assert teacher_label({**shipped, "ckpt": None}) == "assets/ref/teacher.yaml"
+    assert teacher_label(trained) == "runs/t/last.ckpt"

@@ -71,6 +71,13 @@ def _metric_names(table: dict[str, dict[str, float]]) -> set[str]:
     return {m for m in keys if m not in BUILT_IN and not m.startswith("geneval/")}
 
 
+def teacher_label(identity: dict[str, Any]) -> str:
+    """Where the teacher came from: its checkpoint, or its config where it has none (a shipped
+    teacher's ``teacher.yaml`` carries its own weights)."""
+    ckpt = identity.get("ckpt")
+    return str(identity.get("config")) if ckpt in (None, "None") else str(ckpt)
+
+
 class StudentEvaluation:
     """Validation hooks of StudentModule (a mixin: it uses the module's teacher, samplers,
     decode, eval_steps, guidance_scale, teacher_identity and logger)."""
@@ -360,7 +367,7 @@ class StudentEvaluation:
         lines = [
             f"# Student vs teacher (step {max(self.global_step, self._trained_steps)})",
             "",
-            f"Teacher: `{self.teacher_identity['ckpt']}` (sha256 "
+            f"Teacher: `{teacher_label(self.teacher_identity)}` (sha256 "
             f"{self.teacher_identity['sha256'][:12]}), CFG scale {self.guidance_scale:g}; "
             f"{self._val_scored} validation prompts, device {self.device.type}. FD: Fréchet "
             "distance in shapes features to the teacher's samples from the same noise and to the "
