@@ -7,6 +7,7 @@ import torch
 from fewstep.lightning.checkpoints import graft_weights
 from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import diffusers_config
+from fewstep.models.text_refiner import TextRefiner, alibi_bias
 
 KW = dict(
     in_channels=4,
@@ -178,3 +179,48 @@ def test_position_std_sets_the_initial_positions_and_keeps_the_config():
         torch.testing.assert_close(large(x, t, text, mask), base(x, t, text, mask))
     with pytest.raises(ValueError, match="position_std"):
         DiT(**KW, text_refiner_depth=1, text_refiner_position_std=0.0)
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    """Press et al. 2022: head h of H has slope 2^(-8h/H); the bias is -slope * |i - j|."""
+    bias = alibi_bias(4, 5)
+    assert bias.shape == (1, 4, 5, 5)
+    for h in range(4):
+        slope = 2.0 ** (-8.0 * (h + 1) / 4)
+        for i in range(5):
+            for j in range(5):
+                assert bias[0, h, i, j].item() == pytest.approx(-slope * abs(i - j))
+
+
+def test_alibi_makes_a_refiner_without_positions_see_order():
+    """With its positions at zero a refiner attends over a set (permuting the tokens permutes
+    its output); with ALiBi the same weights give a token another output once its neighbours
+    change places."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 6, 24, generator=g)
+    swapped = tokens[:, [0, 4, 2, 3, 1, 5]]  # token 2 stays; its neighbours at 1 and 2 trade
+    outputs = {}
+    for alibi in (False, True):
+        torch.manual_seed(3)
+        refiner = TextRefiner(24, 16, 2, 1, 8, alibi=alibi)
+        with torch.no_grad():
+            for p in refiner.parameters():
+                p.copy_(0.3 * torch.randn_like(p))
+            refiner.positions.zero_()
+            outputs[alibi] = (refiner(tokens, None), refiner(swapped, None))
+    plain, local = outputs[False], outputs[True]
+    torch.testing.assert_close(plain[0][0, 2], plain[1][0, 2])
+    assert (local[0][0, 2] - local[1][0, 2]).abs().max() > 1e-3
+    assert TextRefiner(24, 16, 2, 1, 8, alibi=True).config["alibi"] is True
+    assert "alibi" not in TextRefiner(24, 16, 2, 1, 8).config
+
+
+def test_alibi_keeps_the_refiner_the_identity_at_initialisation():
+    x, t, text, mask = _inputs()
+    base = _with_cross_attention(DiT(**KW))
+    refined = DiT(**KW, text_refiner_depth=2, text_refiner_max_tokens=16, text_refiner_alibi=True)
+    refined.load_state_dict(base.state_dict(), strict=False)
+    assert refined.config()["text_refiner_alibi"] is True
+    assert "text_refiner_alibi" not in base.config()
+    with torch.no_grad():
+        torch.testing.assert_close(refined(x, t, text, mask), base(x, t, text, mask))

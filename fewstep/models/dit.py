@@ -215,6 +215,7 @@ class DiT(nn.Module):
         text_refiner_width: int | None = None,
         text_refiner_max_tokens: int = 512,
         text_refiner_position_std: float = 0.02,
+        text_refiner_alibi: bool = False,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
         sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
@@ -222,7 +223,8 @@ class DiT(nn.Module):
         ``TextRefiner`` (learned token positions + self-attention over the text tokens at width
         ``text_refiner_width``, default ``hidden_size``; identity at initialisation) before the
         caption projection; 0 is PixArt-Σ exactly. ``text_refiner_position_std``: the std of
-        its initial token positions (init only, so not in ``config()``)."""
+        its initial token positions (init only, so not in ``config()``); ``text_refiner_alibi``
+        adds ALiBi's distance penalty to its attention (in ``config()`` only when set)."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
@@ -255,6 +257,8 @@ class DiT(nn.Module):
             text_refiner_width=text_refiner_width,
             text_refiner_max_tokens=text_refiner_max_tokens,
         )
+        if text_refiner_alibi:  # only when set: the configs of every other DiT stay as they were
+            self._config["text_refiner_alibi"] = True
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.hidden_size = hidden_size
@@ -286,6 +290,7 @@ class DiT(nn.Module):
                 text_refiner_depth,
                 text_refiner_max_tokens,
                 text_refiner_position_std,
+                text_refiner_alibi,
             )
             if text_refiner_depth > 0
             else None

@@ -19,6 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def alibi_bias(num_heads: int, length: int, device: torch.device | None = None) -> Tensor:
+    """ALiBi attention bias (Press et al. 2022, §3) for an encoder: -m_h |i - j| for head h of
+    ``num_heads`` with slopes m_h = 2^(-8h/H), h = 1..H; [1, H, L, L] float32. Each head prefers
+    nearby tokens at its own range, so a shape word sees its own colour word first."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1, device=device) / num_heads)
+    position = torch.arange(length, device=device, dtype=torch.float32)
+    distance = (position[None, :] - position[:, None]).abs()
+    return (-slopes[:, None, None] * distance).unsqueeze(0)
+
+
 class RefinerBlock(nn.Module):
     """Pre-norm transformer encoder block (Xiong et al. 2020) with zero-initialised outputs."""
 
@@ -37,7 +47,8 @@ class RefinerBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """Tokens [B, L, D], key-padding bias [B, 1, 1, L] or None -> [B, L, D]."""
+        """Tokens [B, L, D], additive bias ([B, 1, 1, L] key padding, [B, H, L, L] with ALiBi)
+        or None -> [B, L, D]."""
         b, n, d = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, hd]
@@ -59,11 +70,14 @@ class TextRefiner(nn.Module):
         depth: int,
         max_tokens: int,
         position_std: float = 0.02,
+        alibi: bool = False,
     ):
         """``position_std``: the initial positions' std (init only, not part of ``config``).
         Near the tokens' own scale, word order is visible from the first step: at 0.02 against
         MiniLM tokens projected to rms ~0.5, a refiner trained 6,000 steps kept positions 65x
-        below the content and learned no order (docs/reference_teacher.md)."""
+        below the content and learned no order (docs/reference_teacher.md). ``alibi`` adds
+        ALiBi's distance penalty to every block's attention (``alibi_bias``): locality from the
+        first step, where the trained refiner's heads picked colour words by content alone."""
         super().__init__()
         if position_std <= 0:
             raise ValueError(f"TextRefiner: position_std={position_std} must be > 0")
@@ -76,6 +90,10 @@ class TextRefiner(nn.Module):
         self.config = dict(
             channels=channels, dim=dim, num_heads=num_heads, depth=depth, max_tokens=max_tokens
         )
+        if alibi:  # only when set, so configs (and exports) of refiners without it are unchanged
+            self.config["alibi"] = True
+        self.alibi = alibi
+        self.num_heads = num_heads
         self.proj_in = nn.Linear(channels, dim)
         self.positions = nn.Parameter(torch.zeros(max_tokens, dim))
         self.blocks = nn.ModuleList(RefinerBlock(dim, num_heads) for _ in range(depth))
@@ -104,6 +122,9 @@ class TextRefiner(nn.Module):
                 f"{self.positions.shape[0]}; raise DiT.text_refiner_max_tokens"
             )
         h = self.proj_in(tokens) + self.positions[:length].to(tokens.dtype)
+        if self.alibi:
+            distance = alibi_bias(self.num_heads, length, tokens.device).to(tokens.dtype)
+            bias = distance if bias is None else bias.to(tokens.dtype) + distance
         for block in self.blocks:
             h = block(h, bias)
         return tokens + self.proj_out(self.norm_out(h))

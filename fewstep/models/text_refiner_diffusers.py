@@ -24,10 +24,16 @@ class PixArtTextRefinerModel(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, channels: int, dim: int, num_heads: int, depth: int, max_tokens: int
+        self,
+        channels: int,
+        dim: int,
+        num_heads: int,
+        depth: int,
+        max_tokens: int,
+        alibi: bool = False,
     ) -> None:
         super().__init__()
-        self.refiner = TextRefiner(channels, dim, num_heads, depth, max_tokens)
+        self.refiner = TextRefiner(channels, dim, num_heads, depth, max_tokens, alibi=alibi)
 
     def forward(self, prompt_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Refine prompt embeddings [B, L, C] (mask [B, L], 1 = token, 0 = padding). Only the
