@@ -42,7 +42,7 @@ CACHE = [
 ]
 CANDIDATES: dict[str, dict[str, Any]] = {  # patches on TEACHER
     "gpu_ref": {},
-    "gpu_ref_pos0.02": {"model.init_args.network.init_args.text_refiner_position_std": 0.02},
+    "gpu_ref_noalibi": {"model.init_args.network.init_args.text_refiner_alibi": False},
     "gpu_norefiner": {"model.init_args.network.init_args.text_refiner_depth": 0},
 }
 SCORE = "geneval/overall"

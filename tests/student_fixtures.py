@@ -245,10 +245,19 @@ def load_config(path: Path) -> dict[str, Any]:
     return deep_merge(yaml.safe_load(base_config(path).read_text()), raw)
 
 
+def overlay_chain(path: Path) -> list[Path]:
+    """``path`` preceded by its base config when it is an overlay, and by that one's base when
+    it is an overlay too (``shapes_reference_gpu.yaml`` layers on ``shapes_reference.yaml``,
+    which layers on ``shapes.yaml``)."""
+    chain = [path]
+    while is_overlay(chain[0]) and len(chain) < 8:
+        chain.insert(0, base_config(chain[0]))
+    return chain
+
+
 def config_args(path: Path) -> list[str]:
-    """``-c`` arguments for ``path``, preceded by its base config when it is an overlay."""
-    chain = [base_config(path), path] if is_overlay(path) else [path]
-    return [arg for p in chain for arg in ("-c", str(p))]
+    """``-c`` arguments for ``path`` and the configs it layers on (``overlay_chain``)."""
+    return [arg for p in overlay_chain(path) for arg in ("-c", str(p))]
 
 
 def checkpoint_every(path: Path, steps: int, **trainer: Any) -> Path:

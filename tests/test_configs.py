@@ -17,6 +17,7 @@ from student_fixtures import (
     cpu_student_config,
     is_overlay,
     load_config,
+    overlay_chain,
 )
 
 from fewstep.cli import run
@@ -205,8 +206,9 @@ def cpu_sized(path: Path, tmp_path: Path) -> Path:
 
 def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list[str]:
     """CLI arguments running a teacher YAML on CPU with the tiny cache and VAE, cheaply."""
-    base = cpu_sized(base_config(path) if is_overlay(path) else path, tmp_path)
-    overlay = ["-c", str(path)] if is_overlay(path) else []
+    base, *overlays = overlay_chain(path)
+    base = cpu_sized(base, tmp_path)
+    overlay = [arg for p in overlays for arg in ("-c", str(p))]
     model = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
     # a graft names a run's checkpoint; grafting is tested in tests/test_text_refiner.py
     graft = ["--model.init_args.init_weights=null"] if model.get("init_weights") else []
