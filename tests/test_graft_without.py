@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_text_refiner import KW as REFINER_KW
 
 from fewstep.lightning.checkpoints import graft_weights
 from fewstep.models.dit import DiT
 
 ROOT = Path(__file__).resolve().parents[1]
-KW = dict(
-    in_channels=4,
-    patch_size=2,
-    hidden_size=32,
-    depth=1,
-    num_heads=2,
-    caption_channels=24,
-    learn_sigma=False,
-    sample_size=8,
-    text_refiner_depth=1,
-    text_refiner_max_tokens=16,
-)
+KW = {**REFINER_KW, "depth": 1, "text_refiner_depth": 1, "text_refiner_max_tokens": 16}
 
 
 @pytest.fixture(scope="module")
