@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = work / "cache"
-    size = 600 if args.dry_run else args.cache_size
+    args.size = size = 600 if args.dry_run else args.cache_size
     args.extra = {
         "data.init_args.path": str(cache_dir),
         "data.init_args.val_fraction": min(0.1, 512 / size),  # 512 held-out samples
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(args, names, work, out, cache_dir, start, summary) -> None:  # noqa: ANN001
     """Cache, probe, main runs, export (see the module docstring)."""
-    size = 600 if args.dry_run else args.cache_size
+    size = args.size
     patches = {"dataset.init_args.size": size, "out": str(cache_dir)}
     if os.environ.get("FEWSTEP_TEXT_ENCODER"):
         patches["text_encoder.init_args.path"] = os.environ["FEWSTEP_TEXT_ENCODER"]

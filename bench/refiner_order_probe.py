@@ -70,19 +70,20 @@ def attention_summary(refiner: TextRefiner, encoder: TextEncoder) -> list[str]:
     tokens, _ = encoder([caption])
     words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(caption)["input_ids"])
     h = refiner.proj_in(tokens) + refiner.positions[: tokens.shape[1]]
-    bias = alibi_bias(refiner.num_heads, tokens.shape[1]) if refiner.alibi else 0.0
+    bias = alibi_bias(refiner.num_heads, tokens.shape[1]) if refiner.alibi else None
     lines = []
     for i, block in enumerate(refiner.blocks):
         b, n, d = h.shape
         qkv = block.qkv(block.norm1(h)).reshape(b, n, 3, block.num_heads, d // block.num_heads)
         q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q @ k.transpose(-1, -2)) / (d // block.num_heads) ** 0.5 + bias).softmax(-1)[0]
+        logits = (q @ k.transpose(-1, -2)) / (d // block.num_heads) ** 0.5
+        attn = (logits if bias is None else logits + bias).softmax(-1)[0]
         entropy = -(attn * attn.clamp_min(1e-9).log()).sum(-1).mean().item()
         row = attn[:, words.index("square")].mean(0)
         top = ", ".join(f"{words[j]} {row[j]:.2f}" for j in row.argsort(descending=True)[:4])
         uniform = torch.log(torch.tensor(float(n))).item()
         lines.append(f"block {i}: entropy {entropy:.2f} (uniform {uniform:.2f}); square -> {top}")
-        h = block(h, None if not refiner.alibi else alibi_bias(refiner.num_heads, n))
+        h = block(h, bias)
     return lines
 
 
