@@ -18,7 +18,7 @@ import torch
 
 from fewstep.lightning.checkpoints import network_weights
 from fewstep.models.text_encoder import TextEncoder
-from fewstep.models.text_refiner import TextRefiner, alibi_bias
+from fewstep.models.text_refiner import TextRefiner
 
 PAIRS = [
     (
@@ -41,8 +41,15 @@ def load_refiner(ckpt: str, ema: bool, num_heads: int, alibi: bool) -> TextRefin
         raise ValueError(f"{ckpt} has no text refiner")
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     dim, tokens = state["proj_in.weight"].shape[0], state["positions"].shape[0]
+    relative = "relative_bias.table" in state  # a learned relative bias replaces ALiBi
     refiner = TextRefiner(
-        state["proj_in.weight"].shape[1], dim, num_heads, depth, tokens, alibi=alibi
+        state["proj_in.weight"].shape[1],
+        dim,
+        num_heads,
+        depth,
+        tokens,
+        alibi=alibi and not relative,
+        relative=relative,
     )
     refiner.load_state_dict(state)
     return refiner.eval()
@@ -70,7 +77,7 @@ def attention_summary(refiner: TextRefiner, encoder: TextEncoder) -> list[str]:
     tokens, _ = encoder([caption])
     words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(caption)["input_ids"])
     h = refiner.proj_in(tokens) + refiner.positions[: tokens.shape[1]]
-    bias = alibi_bias(refiner.num_heads, tokens.shape[1]) if refiner.alibi else None
+    bias = refiner.position_bias(tokens.shape[1], tokens.device)
     lines = []
     for i, block in enumerate(refiner.blocks):
         b, n, d = h.shape

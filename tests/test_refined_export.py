@@ -38,7 +38,9 @@ pytestmark = [
 ]
 
 
-def refined_dit(seed: int = 0, learn_sigma: bool = True, alibi: bool = False) -> DiT:
+def refined_dit(
+    seed: int = 0, learn_sigma: bool = True, alibi: bool = False, relative: bool = False
+) -> DiT:
     """A 2-block DiT with a 2-block text refiner, every weight random (the refiner is not the
     identity it starts as, so the export must carry it)."""
     torch.manual_seed(seed)
@@ -55,6 +57,7 @@ def refined_dit(seed: int = 0, learn_sigma: bool = True, alibi: bool = False) ->
         text_refiner_width=16,
         text_refiner_max_tokens=MAX_TOKENS,
         text_refiner_alibi=alibi,
+        text_refiner_relative=relative,
     )
     with torch.no_grad():
         for param in dit.parameters():
@@ -152,9 +155,14 @@ def test_without_the_refiner_the_stock_pipeline_samples_differently(vae_dir, tmp
         assert (dit(x, t, text, mask) - plain(x, t, text, mask)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("alibi", [False, True])
-def test_pretrained_dit_loads_the_refined_folder_with_equal_weights(vae_dir, tmp_path, alibi):
-    dit = refined_dit(seed=1, alibi=alibi)
+POSITION_BIASES = [(False, False), (True, False), (False, True)]  # (alibi, relative)
+
+
+@pytest.mark.parametrize("alibi,relative", POSITION_BIASES)
+def test_pretrained_dit_loads_the_refined_folder_with_equal_weights(
+    vae_dir, tmp_path, alibi, relative
+):
+    dit = refined_dit(seed=1, alibi=alibi, relative=relative)
     out = tmp_path / "export"
     export_pixart_sigma_pipeline(dit, str(vae_dir), out, RectifiedFlow(), "velocity")
     assert {p.name for p in (out / "text_refiner").iterdir()} == {
@@ -171,15 +179,16 @@ def test_pretrained_dit_loads_the_refined_folder_with_equal_weights(vae_dir, tmp
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-@pytest.mark.parametrize("alibi", [False, True])
-def test_components_round_trip_and_the_refiner_component_equals_the_dits_refiner(alibi):
-    dit = refined_dit(seed=2, alibi=alibi)
+@pytest.mark.parametrize("alibi,relative", POSITION_BIASES)
+def test_components_round_trip_and_the_refiner_component_equals_the_dits_refiner(alibi, relative):
+    dit = refined_dit(seed=2, alibi=alibi, relative=relative)
     transformer, refiner = to_diffusers_components(dit)
     assert type(transformer) is PixArtTransformer2DModel
     assert isinstance(refiner, PixArtTextRefinerModel)
     back = from_diffusers(transformer, refiner)
     same = {"interpolation_scale": None}  # diffusers records the resolved scale
     assert back.config() | same == dit.config() | same and back.text_refiner.alibi is alibi
+    assert (back.text_refiner.relative_bias is not None) is relative
     assert back.state_dict().keys() == dit.state_dict().keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in dit.state_dict().items())
     text, mask, _, _ = text_batch()

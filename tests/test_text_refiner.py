@@ -7,7 +7,12 @@ import torch
 from fewstep.lightning.checkpoints import graft_weights
 from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import diffusers_config
-from fewstep.models.text_refiner import TextRefiner, alibi_bias
+from fewstep.models.text_refiner import (
+    DIRECTION_PENALTY,
+    RelativePositionBias,
+    TextRefiner,
+    alibi_bias,
+)
 
 KW = dict(
     in_channels=4,
@@ -224,3 +229,66 @@ def test_alibi_keeps_the_refiner_the_identity_at_initialisation():
     assert "text_refiner_alibi" not in base.config()
     with torch.no_grad():
         torch.testing.assert_close(refined(x, t, text, mask), base(x, t, text, mask))
+
+
+def test_relative_bias_starts_as_directional_alibi():
+    """table[h, j - i] = -m_h |i - j|, minus DIRECTION_PENALTY for keys after the query on even
+    heads and before it on odd heads (slow loop against the explicit formula)."""
+    heads, length = 4, 5
+    bias = RelativePositionBias(heads, max_tokens=8)(length)
+    assert bias.shape == (1, heads, length, length)
+    for h in range(heads):
+        slope = 2.0 ** (-8.0 * (h + 1) / heads)
+        for i in range(length):
+            for j in range(length):
+                blind = j > i if h % 2 == 0 else j < i
+                expected = -slope * abs(i - j) - DIRECTION_PENALTY * blind
+                assert bias[0, h, i, j].item() == pytest.approx(expected)
+
+
+def test_relative_bias_is_learned_and_reset():
+    module = RelativePositionBias(2, max_tokens=4)
+    start = module(4).detach().clone()
+    module(4).sum().backward()
+    assert module.table.grad is not None and module.table.grad.abs().sum() > 0
+    with torch.no_grad():
+        module.table.add_(1.0)
+    module.reset_parameters()
+    torch.testing.assert_close(module(4), start)
+
+
+def test_directional_heads_tell_a_word_before_a_relation_from_one_after_it():
+    """'X left of Y' against 'Y left of X' with the same content vectors: the mirrored captions
+    hold the same multiset of (token, distance) pairs, so symmetric ALiBi without positions
+    maps the reversed sequence to the reversed outputs, while directional heads do not."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 5, 24, generator=g)
+    reversed_tokens = tokens.flip(1)
+    outputs = {}
+    for kind in ("alibi", "relative"):
+        torch.manual_seed(3)
+        refiner = TextRefiner(24, 16, 2, 1, 8, **{kind: True})
+        with torch.no_grad():
+            for name, p in refiner.named_parameters():
+                if "table" not in name:
+                    p.copy_(0.3 * torch.randn_like(p))
+            refiner.positions.zero_()
+            outputs[kind] = (refiner(tokens, None), refiner(reversed_tokens, None).flip(1))
+    torch.testing.assert_close(*outputs["alibi"])
+    assert (outputs["relative"][0] - outputs["relative"][1]).abs().max() > 1e-3
+
+
+def test_relative_bias_keeps_the_graft_the_identity_and_is_configured_only_when_set():
+    x, t, text, mask = _inputs()
+    base = _with_cross_attention(DiT(**KW))
+    refined = DiT(
+        **KW, text_refiner_depth=2, text_refiner_max_tokens=16, text_refiner_relative=True
+    )
+    refined.load_state_dict(base.state_dict(), strict=False)
+    assert refined.config()["text_refiner_relative"] is True
+    assert "text_refiner_relative" not in base.config()
+    assert "relative" not in TextRefiner(24, 16, 2, 1, 8).config
+    with torch.no_grad():
+        torch.testing.assert_close(refined(x, t, text, mask), base(x, t, text, mask))
+    with pytest.raises(ValueError, match="exclusive"):
+        TextRefiner(24, 16, 2, 1, 8, alibi=True, relative=True)

@@ -216,6 +216,7 @@ class DiT(nn.Module):
         text_refiner_max_tokens: int = 512,
         text_refiner_position_std: float = 0.02,
         text_refiner_alibi: bool = False,
+        text_refiner_relative: bool = False,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
         sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
@@ -224,7 +225,8 @@ class DiT(nn.Module):
         ``text_refiner_width``, default ``hidden_size``; identity at initialisation) before the
         caption projection; 0 is PixArt-Σ exactly. ``text_refiner_position_std``: the std of
         its initial token positions (init only, so not in ``config()``); ``text_refiner_alibi``
-        adds ALiBi's distance penalty to its attention (in ``config()`` only when set)."""
+        adds ALiBi's distance penalty to its attention, ``text_refiner_relative`` a learned
+        directional bias per token offset instead (each in ``config()`` only when set)."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
@@ -259,6 +261,8 @@ class DiT(nn.Module):
         )
         if text_refiner_alibi:  # only when set: the configs of every other DiT stay as they were
             self._config["text_refiner_alibi"] = True
+        if text_refiner_relative:
+            self._config["text_refiner_relative"] = True
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.hidden_size = hidden_size
@@ -291,6 +295,7 @@ class DiT(nn.Module):
                 text_refiner_max_tokens,
                 text_refiner_position_std,
                 text_refiner_alibi,
+                text_refiner_relative,
             )
             if text_refiner_depth > 0
             else None

@@ -29,6 +29,44 @@ def alibi_bias(num_heads: int, length: int, device: torch.device | None = None) 
     return (-slopes[:, None, None] * distance).unsqueeze(0)
 
 
+DIRECTION_PENALTY = 10.0  # logit cost of a key on a directional head's blind side (e^-10)
+
+
+def directional_alibi(num_heads: int, max_tokens: int) -> Tensor:
+    """Initial signed-offset table [H, 2M - 1] of ``RelativePositionBias``: ALiBi's -m_h |d|
+    (Press et al. 2022) for offset d = j - i, plus ``DIRECTION_PENALTY`` on keys after the query
+    for even heads and before it for odd heads, so half the heads read what precedes a word and
+    half what follows it ("circle" before "left of" differs from "square" after it)."""
+    offsets = torch.arange(-(max_tokens - 1), max_tokens, dtype=torch.float32)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)
+    table = -slopes[:, None] * offsets.abs()[None, :]
+    backward = torch.arange(num_heads) % 2 == 0
+    blind = torch.where(backward[:, None], offsets[None, :] > 0, offsets[None, :] < 0)
+    return table - DIRECTION_PENALTY * blind.float()
+
+
+class RelativePositionBias(nn.Module):
+    """A learned attention bias per head and signed token offset (T5's relative bias, Raffel et
+    al. 2020 §2.1, without buckets: the refiner's offsets are few), initialised as
+    ``directional_alibi``; shared by all blocks."""
+
+    def __init__(self, num_heads: int, max_tokens: int) -> None:
+        super().__init__()
+        self.max_tokens = max_tokens
+        self.table = nn.Parameter(directional_alibi(num_heads, max_tokens))
+
+    def reset_parameters(self) -> None:
+        """Back to the directional ALiBi table."""
+        with torch.no_grad():
+            self.table.copy_(directional_alibi(self.table.shape[0], self.max_tokens))
+
+    def forward(self, length: int) -> Tensor:
+        """The bias [1, H, L, L] for ``length`` tokens: table[h, j - i]."""
+        position = torch.arange(length, device=self.table.device)
+        offset = position[None, :] - position[:, None] + self.max_tokens - 1  # [L, L]
+        return self.table[:, offset].unsqueeze(0)
+
+
 class RefinerBlock(nn.Module):
     """Pre-norm transformer encoder block (Xiong et al. 2020) with zero-initialised outputs."""
 
@@ -71,14 +109,22 @@ class TextRefiner(nn.Module):
         max_tokens: int,
         position_std: float = 0.02,
         alibi: bool = False,
+        relative: bool = False,
     ):
         """``position_std``: the initial positions' std (init only, not part of ``config``).
         Near the tokens' own scale, word order is visible from the first step: at 0.02 against
         MiniLM tokens projected to rms ~0.5, a refiner trained 6,000 steps kept positions 65x
         below the content and learned no order (docs/reference_teacher.md). ``alibi`` adds
         ALiBi's distance penalty to every block's attention (``alibi_bias``): locality from the
-        first step, where the trained refiner's heads picked colour words by content alone."""
+        first step, where the trained refiner's heads picked colour words by content alone.
+        ``relative`` adds a learned per-head bias on the signed token offset
+        (``RelativePositionBias``, directional from the first step); it replaces ``alibi``."""
         super().__init__()
+        if alibi and relative:
+            raise ValueError(
+                "TextRefiner: alibi and relative are exclusive (the relative bias starts as a "
+                "directional ALiBi); set one of DiT.text_refiner_alibi / text_refiner_relative"
+            )
         if position_std <= 0:
             raise ValueError(f"TextRefiner: position_std={position_std} must be > 0")
         self.position_std = position_std
@@ -92,7 +138,10 @@ class TextRefiner(nn.Module):
         )
         if alibi:  # only when set, so configs (and exports) of refiners without it are unchanged
             self.config["alibi"] = True
+        if relative:
+            self.config["relative"] = True
         self.alibi = alibi
+        self.relative_bias = RelativePositionBias(num_heads, max_tokens) if relative else None
         self.num_heads = num_heads
         self.proj_in = nn.Linear(channels, dim)
         self.positions = nn.Parameter(torch.zeros(max_tokens, dim))
@@ -108,6 +157,8 @@ class TextRefiner(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.positions, std=self.position_std)
+        if self.relative_bias is not None:
+            self.relative_bias.reset_parameters()
         for block in self.blocks:
             nn.init.zeros_(block.proj.weight)
             nn.init.zeros_(block.mlp[2].weight)
@@ -122,9 +173,16 @@ class TextRefiner(nn.Module):
                 f"{self.positions.shape[0]}; raise DiT.text_refiner_max_tokens"
             )
         h = self.proj_in(tokens) + self.positions[:length].to(tokens.dtype)
-        if self.alibi:
-            distance = alibi_bias(self.num_heads, length, tokens.device).to(tokens.dtype)
+        distance = self.position_bias(length, tokens.device)
+        if distance is not None:
+            distance = distance.to(tokens.dtype)
             bias = distance if bias is None else bias.to(tokens.dtype) + distance
         for block in self.blocks:
             h = block(h, bias)
         return tokens + self.proj_out(self.norm_out(h))
+
+    def position_bias(self, length: int, device: torch.device) -> Tensor | None:
+        """[1, H, L, L] ALiBi or relative bias, or None for a refiner with neither."""
+        if self.relative_bias is not None:
+            return self.relative_bias(length)
+        return alibi_bias(self.num_heads, length, device) if self.alibi else None

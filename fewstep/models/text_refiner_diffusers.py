@@ -31,9 +31,12 @@ class PixArtTextRefinerModel(ModelMixin, ConfigMixin):
         depth: int,
         max_tokens: int,
         alibi: bool = False,
+        relative: bool = False,
     ) -> None:
         super().__init__()
-        self.refiner = TextRefiner(channels, dim, num_heads, depth, max_tokens, alibi=alibi)
+        self.refiner = TextRefiner(
+            channels, dim, num_heads, depth, max_tokens, alibi=alibi, relative=relative
+        )
 
     def forward(self, prompt_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Refine prompt embeddings [B, L, C] (mask [B, L], 1 = token, 0 = padding). Only the

@@ -1,0 +1,60 @@
+"""bench/failure_reasons.py: the scorer's reasons fall in the right groups, and the prompt set
+holds each category equally, reproducibly."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewstep.data.prompts import CATEGORIES, caption_of, make_spec, obj, spec_of
+from fewstep.eval.detect import Detection
+from fewstep.eval.geneval import judge, score_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reasons():
+    path = ROOT / "bench" / "failure_reasons.py"
+    spec = importlib.util.spec_from_file_location("failure_reasons", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _detection(shape: str, color: str, x: float, y: float) -> Detection:
+    return Detection(shape, color, 100.0, x, y, (x - 5, y - 5, x + 5, y + 5), 1.0, 0.0)
+
+
+def test_each_scorer_reason_lands_in_its_group(reasons):
+    circle_left = make_spec("position", [obj("circle"), obj("square")], "left of")
+    red_circle = make_spec("colors", [obj("circle", color="red")])
+    cases = {
+        "objects": judge([], red_circle)[1],
+        "colour": judge([_detection("circle", "blue", 30, 30)], red_circle)[1],
+        "relation": judge(
+            [_detection("circle", "red", 50, 30), _detection("square", "blue", 10, 30)],
+            circle_left,
+        )[1],
+        "correct": judge(
+            [_detection("circle", "red", 10, 30), _detection("square", "blue", 50, 30)],
+            circle_left,
+        )[1],
+    }
+    for group, reason in cases.items():
+        assert reasons.reason_group(reason) == group, reason
+    speckle = np.random.default_rng(0).random((64, 64, 3))
+    ok, reason = score_image(speckle, red_circle)
+    assert not ok and reasons.reason_group(reason) == "clutter", reason
+
+
+def test_prompts_hold_each_category_equally_and_reproducibly(reasons):
+    pairs = reasons.prompts(5, seed=3)
+    assert Counter(spec["category"] for _, spec in pairs) == {c: 5 for c in CATEGORIES}
+    assert pairs == reasons.prompts(5, seed=3) and pairs != reasons.prompts(5, seed=4)
+    for caption, spec in pairs:
+        assert caption == caption_of(spec) and spec_of(caption)["category"] == spec["category"]
