@@ -101,6 +101,17 @@ def test_same_columns_for_every_method_ratio_and_missing_figures(three_methods):
     assert table["teacher"]["training_seconds"] == 900.0 and table["teacher"]["spread"] == 0.0
 
 
+def test_a_step_count_only_one_method_validated_is_a_row_of_that_method_only(three_methods):
+    """Every method has rows at 1, 2 and 4 steps (the issue's columns); a method that also
+    validated 10 steps (guidance) adds its own row, and no other method gets a "not run" one."""
+    lcm = three_methods["student"]["methods"]["lcm"]["validate"]
+    lcm |= {f"val/student_10/{k}": v for k, v in student(0.79, 0.5, 10).items()}
+    rows = rows_by(method_table(three_methods, ["lcm", "ladd", "dmd2", "reflow"]))
+    assert rows[("lcm", 10)]["score"] == 0.79 and rows[("lcm", 10)]["status"] == "done"
+    assert {n for m, n in rows if m != "lcm"} == {1, 2, 4}
+    assert rows[("reflow", 4)]["status"] == "not run"
+
+
 def test_best_method_per_step_skips_unfaithful_students(three_methods):
     best = best_per_steps(method_table(three_methods))
     # 1 step: dmd2 0.72 > ladd 0.70; 2: dmd2 0.78; 4: dmd2 0.95 is not faithful -> ladd 0.70

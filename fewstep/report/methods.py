@@ -84,18 +84,25 @@ def _teacher_row(entries: dict[str, dict[str, Any]], results: dict[str, Any]) ->
 
 def method_table(results: dict[str, Any], methods: list[str] | None = None) -> dict[str, Any]:
     """Teacher reference, then a row per method (``methods``: the order, default as recorded)
-    and step count (1, 2, 4 and any other a method validated); absent ones are "not run"."""
+    and step count (1, 2 and 4 for every method, plus any other that method validated); absent
+    ones are "not run"."""
     entries = method_entries(results)
     order = list(methods) if methods is not None else list(entries)
     teacher = _teacher_row(entries, results)
-    steps = set(STUDENT_STEPS)
-    for entry in entries.values():
-        validate = entry.get("validate") or {}
-        steps |= {int(k.split("/")[1].removeprefix("student_")) for k in validate if _is_step(k)}
-    rows = [_student_row(m, n, entries.get(m, {}), teacher) for m in order for n in sorted(steps)]
+    rows = [
+        _student_row(m, n, entries.get(m, {}), teacher)
+        for m in order
+        for n in sorted(set(STUDENT_STEPS) | _validated_steps(entries.get(m, {})))
+    ]
     has_scores = teacher["score"] is not None or any(r["score"] is not None for r in rows)
     notes = {m: e["note"] for m, e in entries.items() if isinstance(e.get("note"), str)}
     return {"teacher": teacher, "rows": rows, "has_scores": has_scores, "notes": notes}
+
+
+def _validated_steps(entry: dict[str, Any]) -> set[int]:
+    """The step counts a method's validation measured (``val/student_<n>/...`` keys)."""
+    validate = entry.get("validate") or {}
+    return {int(k.split("/")[1].removeprefix("student_")) for k in validate if _is_step(k)}
 
 
 def _is_step(key: str) -> bool:
