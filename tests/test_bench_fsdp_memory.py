@@ -1,14 +1,13 @@
 """bench/bench_fsdp_memory.py: counts from meta-built networks against real ones, the LoRA count
 against peft, the total against its terms, and the FLUX.1-dev figures of docs/distributed.md."""
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from bench_scripts import forget_bench, load_bench
 
 from fewstep.models.dit import PixArtBlock
 from fewstep.models.flux import Flux
@@ -25,12 +24,8 @@ TINY_FLUX |= dict(vec_in_dim=12, axes_dim=(4, 6, 6))
 @pytest.fixture(scope="module")
 def bench():
     """The benchmark script imported as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_fsdp_memory", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_bench("bench_fsdp_memory")
+    forget_bench("bench_fsdp_memory")
 
 
 def tiny_flux(device: str) -> Flux:

@@ -1,11 +1,10 @@
 """bench/bench_teacher.py: a tiny CPU smoke run of every case, the MFU arithmetic, targets."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import forget_bench, load_bench
 
 BENCH = Path(__file__).parents[1] / "bench" / "bench_teacher.py"
 SMOKE = [
@@ -18,12 +17,8 @@ SMOKE = [
 @pytest.fixture(scope="module")
 def bench():
     """The benchmark script imported as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_teacher", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_bench("bench_teacher")
+    forget_bench("bench_teacher")
 
 
 def test_mfu_arithmetic(bench):

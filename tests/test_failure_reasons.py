@@ -3,12 +3,12 @@ holds each category equally, reproducibly."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_scripts import load_bench
 
 from fewstep.data.prompts import CATEGORIES, caption_of, make_spec, obj, spec_of
 from fewstep.eval.detect import Detection
@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def reasons():
-    path = ROOT / "bench" / "failure_reasons.py"
-    spec = importlib.util.spec_from_file_location("failure_reasons", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("failure_reasons")
 
 
 def _detection(shape: str, color: str, x: float, y: float) -> Detection:

@@ -3,11 +3,11 @@ fit's ``init_weights`` then leaves at their fresh initialisation."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 from test_text_refiner import KW as REFINER_KW
 
 from fewstep.lightning.checkpoints import graft_weights
@@ -19,12 +19,7 @@ KW = {**REFINER_KW, "depth": 1, "text_refiner_depth": 1, "text_refiner_max_token
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location(
-        "graft_without", ROOT / "bench" / "graft_without.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("graft_without")
 
 
 def test_dropped_positions_restart_at_the_new_scale(tool, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from fewstep.lightning.lr_schedules import WarmupStableDecay
 
@@ -49,13 +50,7 @@ def test_bad_arguments_name_the_fields():
 
 def test_cooldown_fork_decays_from_the_checkpoint_step_to_zero():
     """bench/wsd_cooldown_fork.py: a stable-phase state resumed as a cosine over [step, step+n]."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "wsd_cooldown_fork.py"
-    spec = importlib.util.spec_from_file_location("wsd_cooldown_fork", path)
-    fork = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fork)
+    fork = load_bench("wsd_cooldown_fork")
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
     scheduler = WarmupStableDecay(optimizer, total_steps=1000, warmup_steps=10)
     for _ in range(300):

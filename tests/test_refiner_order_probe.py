@@ -3,11 +3,11 @@ reordered captions (swap difference 0); one whose heads see positions does not."
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from fewstep.models.text_refiner import TextRefiner
 
@@ -16,11 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def probe():
-    path = ROOT / "bench" / "refiner_order_probe.py"
-    spec = importlib.util.spec_from_file_location("refiner_order_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("refiner_order_probe")
 
 
 def _checkpoint(path: Path, refiner: TextRefiner) -> None:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sweep")
 
 
 def test_substitute_parses_whole_placeholders(sweep) -> None:
@@ -113,11 +108,7 @@ def test_merge_replaces_a_mapping_of_another_class(sweep) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_driver(sweep):
-    path = ROOT / "bench" / "gpu_reference_teacher.py"
-    spec = importlib.util.spec_from_file_location("gpu_reference_teacher", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_reference_teacher")
 
 
 def test_gpu_driver_config_fits_its_length(gpu_driver, tmp_path: Path) -> None:
@@ -153,10 +144,7 @@ def test_gpu_import_joins_halves_and_points_config_home(tmp_path: Path) -> None:
 
     import torch
 
-    path = ROOT / "bench" / "gpu_reference_import.py"
-    spec = importlib.util.spec_from_file_location("gpu_reference_import", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("gpu_reference_import")
     meta = {"global_step": 800, "weights": "ema"}
     torch.save({"state_dict": {"a": torch.ones(2)}, "meta": meta}, tmp_path / "c_ema_0.pt")
     torch.save({"state_dict": {"b": torch.zeros(3)}, "meta": meta}, tmp_path / "c_ema_1.pt")
