@@ -5,6 +5,7 @@ colour, wrong relation, clutter). Position at chance with both objects drawn rea
 relation" ~3/4 of the time; a missing-object teacher reads as "count".
 
     python bench/failure_reasons.py FIT_YAML CKPT [--per-category 64] [--seed 1]
+        [--categories counting,position] [--detail 5] [--cfg 1]
 """
 
 from __future__ import annotations
@@ -39,24 +40,39 @@ def reason_group(reason: str) -> str:
     return next((name for name, pattern in GROUPS if re.search(pattern, reason)), "other")
 
 
-def prompts(per_category: int, seed: int) -> list[tuple[str, dict]]:
-    """(caption, spec) pairs, ``per_category`` of each category, from a seeded generator."""
-    rng = np.random.default_rng(seed)
+def prompts(
+    per_category: int, seed: int, categories: tuple[str, ...] = CATEGORIES
+) -> list[tuple[str, dict]]:
+    """(caption, spec) pairs, ``per_category`` of each category, from a seeded generator (one
+    per category, so a category's prompts do not depend on which others are asked for)."""
     return [
         (caption_of(spec), spec)
-        for category in CATEGORIES
+        for category in categories
+        for rng in [np.random.default_rng([seed, CATEGORIES.index(category)])]
         for spec in (sample_spec(category, rng) for _ in range(per_category))
     ]
 
 
-def tally(config: str, ckpt: str, per_category: int, seed: int, batch: int) -> dict:
-    """{category: Counter(group)} over the sampled prompts."""
+def tally(
+    config: str,
+    ckpt: str,
+    per_category: int,
+    seed: int,
+    batch: int,
+    categories: tuple[str, ...] = CATEGORIES,
+    guidance_scale: float | None = None,
+) -> tuple[dict[str, Counter], dict[str, Counter]]:
+    """({category: Counter(group)}, {category: Counter(reason)}) over the sampled prompts, at
+    the fit YAML's CFG scale or ``guidance_scale``."""
     module, _, _ = load_trained(config, ckpt)
     module.eval()
+    if guidance_scale is not None:
+        module.guidance_scale = guidance_scale
     encoder = TextEncoder(None, max_length=32)  # as configs/cache/shapes.yaml
     module._null_text = as_null_text(encoder.null_embedding())
-    pairs = prompts(per_category, seed)
-    counts: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
+    pairs = prompts(per_category, seed, categories)
+    counts: dict[str, Counter] = {c: Counter() for c in categories}
+    details: dict[str, Counter] = {c: Counter() for c in categories}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         with torch.no_grad():
@@ -66,7 +82,8 @@ def tally(config: str, ckpt: str, per_category: int, seed: int, batch: int) -> d
         for (_, spec), image in zip(chunk, images, strict=True):
             _, reason = score_image(tensor_to_hwc(image), spec)
             counts[spec["category"]][reason_group(reason)] += 1
-    return counts
+            details[spec["category"]][reason] += 1
+    return counts, details
 
 
 def main() -> None:
@@ -76,8 +93,17 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--categories", default=",".join(CATEGORIES), help="comma-separated")
+    parser.add_argument("--detail", type=int, default=0, help="print the N commonest reasons")
+    parser.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the YAML's)")
     args = parser.parse_args()
-    counts = tally(args.config, args.ckpt, args.per_category, args.seed, args.batch)
+    categories = tuple(args.categories.split(","))
+    unknown = set(categories) - set(CATEGORIES)
+    if unknown:
+        parser.error(f"--categories: unknown {sorted(unknown)}; use {','.join(CATEGORIES)}")
+    counts, details = tally(
+        args.config, args.ckpt, args.per_category, args.seed, args.batch, categories, args.cfg
+    )
     names = [name for name, _ in GROUPS] + ["other"]
     print("| category | n | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 2) + "|")
@@ -85,6 +111,9 @@ def main() -> None:
         n = sum(counter.values())
         cells = [f"{counter[name] / n:.0%}" for name in names]
         print(f"| {category} | {n} | " + " | ".join(cells) + " |")
+    for category, counter in details.items():
+        for reason, k in counter.most_common(args.detail):
+            print(f"{category}: {k} x {reason}")
 
 
 if __name__ == "__main__":

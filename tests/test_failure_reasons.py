@@ -52,5 +52,7 @@ def test_prompts_hold_each_category_equally_and_reproducibly(reasons):
     pairs = reasons.prompts(5, seed=3)
     assert Counter(spec["category"] for _, spec in pairs) == {c: 5 for c in CATEGORIES}
     assert pairs == reasons.prompts(5, seed=3) and pairs != reasons.prompts(5, seed=4)
+    only = reasons.prompts(5, seed=3, categories=("position",))
+    assert only == [p for p in pairs if p[1]["category"] == "position"]
     for caption, spec in pairs:
         assert caption == caption_of(spec) and spec_of(caption)["category"] == spec["category"]
