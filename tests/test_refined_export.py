@@ -39,7 +39,11 @@ pytestmark = [
 
 
 def refined_dit(
-    seed: int = 0, learn_sigma: bool = True, alibi: bool = False, relative: bool = False
+    seed: int = 0,
+    learn_sigma: bool = True,
+    alibi: bool = False,
+    relative: bool = False,
+    conv: int = 0,
 ) -> DiT:
     """A 2-block DiT with a 2-block text refiner, every weight random (the refiner is not the
     identity it starts as, so the export must carry it)."""
@@ -58,6 +62,7 @@ def refined_dit(
         text_refiner_max_tokens=MAX_TOKENS,
         text_refiner_alibi=alibi,
         text_refiner_relative=relative,
+        text_refiner_conv=conv,
     )
     with torch.no_grad():
         for param in dit.parameters():
@@ -155,14 +160,14 @@ def test_without_the_refiner_the_stock_pipeline_samples_differently(vae_dir, tmp
         assert (dit(x, t, text, mask) - plain(x, t, text, mask)).abs().max() > 1e-2
 
 
-POSITION_BIASES = [(False, False), (True, False), (False, True)]  # (alibi, relative)
+POSITION_BIASES = [(False, False, 0), (True, False, 0), (False, True, 3)]  # alibi, relative, conv
 
 
-@pytest.mark.parametrize("alibi,relative", POSITION_BIASES)
+@pytest.mark.parametrize("alibi,relative,conv", POSITION_BIASES)
 def test_pretrained_dit_loads_the_refined_folder_with_equal_weights(
-    vae_dir, tmp_path, alibi, relative
+    vae_dir, tmp_path, alibi, relative, conv
 ):
-    dit = refined_dit(seed=1, alibi=alibi, relative=relative)
+    dit = refined_dit(seed=1, alibi=alibi, relative=relative, conv=conv)
     out = tmp_path / "export"
     export_pixart_sigma_pipeline(dit, str(vae_dir), out, RectifiedFlow(), "velocity")
     assert {p.name for p in (out / "text_refiner").iterdir()} == {
@@ -179,9 +184,11 @@ def test_pretrained_dit_loads_the_refined_folder_with_equal_weights(
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-@pytest.mark.parametrize("alibi,relative", POSITION_BIASES)
-def test_components_round_trip_and_the_refiner_component_equals_the_dits_refiner(alibi, relative):
-    dit = refined_dit(seed=2, alibi=alibi, relative=relative)
+@pytest.mark.parametrize("alibi,relative,conv", POSITION_BIASES)
+def test_components_round_trip_and_the_refiner_component_equals_the_dits_refiner(
+    alibi, relative, conv
+):
+    dit = refined_dit(seed=2, alibi=alibi, relative=relative, conv=conv)
     transformer, refiner = to_diffusers_components(dit)
     assert type(transformer) is PixArtTransformer2DModel
     assert isinstance(refiner, PixArtTextRefinerModel)
@@ -189,6 +196,7 @@ def test_components_round_trip_and_the_refiner_component_equals_the_dits_refiner
     same = {"interpolation_scale": None}  # diffusers records the resolved scale
     assert back.config() | same == dit.config() | same and back.text_refiner.alibi is alibi
     assert (back.text_refiner.relative_bias is not None) is relative
+    assert (back.text_refiner.mixer is not None) is bool(conv)
     assert back.state_dict().keys() == dit.state_dict().keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in dit.state_dict().items())
     text, mask, _, _ = text_batch()

@@ -9,6 +9,7 @@ from fewstep.models.dit import DiT
 from fewstep.models.dit_convert import diffusers_config
 from fewstep.models.text_refiner import (
     DIRECTION_PENALTY,
+    LocalMixer,
     RelativePositionBias,
     TextRefiner,
     alibi_bias,
@@ -292,3 +293,42 @@ def test_relative_bias_keeps_the_graft_the_identity_and_is_configured_only_when_
         torch.testing.assert_close(refined(x, t, text, mask), base(x, t, text, mask))
     with pytest.raises(ValueError, match="exclusive"):
         TextRefiner(24, 16, 2, 1, 8, alibi=True, relative=True)
+
+
+def test_local_mixer_sees_exactly_its_kernel_and_never_padding():
+    """Kernel 5: token i's output changes when token i +- 2 changes, not when i +- 3 does; a
+    padded token changes no valid token's output (random weights, explicit perturbations)."""
+    torch.manual_seed(0)
+    mixer = LocalMixer(8, 5)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn_like(p))
+    h = torch.randn(1, 9, 8)
+    valid = torch.ones(1, 9, dtype=torch.bool)
+    base = mixer(h, valid)
+    for offset, moves in ((2, True), (3, False)):
+        changed = h.clone()
+        changed[0, 4 + offset] = torch.randn(8)  # not a constant shift: the norm removes it
+        delta = (mixer(changed, valid) - base)[0, 4].abs().max().item()
+        assert (delta > 1e-4) is moves, (offset, delta)
+    valid[0, 6:] = False
+    masked = mixer(h, valid)
+    padded = h.clone()
+    padded[0, 6:] = torch.randn(3, 8)
+    torch.testing.assert_close(mixer(padded, valid)[0, :6], masked[0, :6])
+    with pytest.raises(ValueError, match="odd"):
+        LocalMixer(8, 4)
+
+
+def test_conv_keeps_the_graft_the_identity_and_is_configured_only_when_set():
+    x, t, text, mask = _inputs()
+    base = _with_cross_attention(DiT(**KW))
+    refined = DiT(**KW, text_refiner_depth=1, text_refiner_max_tokens=16, text_refiner_conv=3)
+    refined.load_state_dict(base.state_dict(), strict=False)
+    assert refined.config()["text_refiner_conv"] == 3
+    assert (
+        "text_refiner_conv" not in base.config()
+        and "conv" not in TextRefiner(24, 16, 2, 1, 8).config
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(refined(x, t, text, mask), base(x, t, text, mask))

@@ -217,6 +217,7 @@ class DiT(nn.Module):
         text_refiner_position_std: float = 0.02,
         text_refiner_alibi: bool = False,
         text_refiner_relative: bool = False,
+        text_refiner_conv: int = 0,
     ) -> None:
         """``caption_init_std``: std of the caption projection's initial weights (PixArt: 0.02,
         sized for T5-XXL's 4096-wide features; with a small encoder such as MiniLM the text path
@@ -226,7 +227,9 @@ class DiT(nn.Module):
         caption projection; 0 is PixArt-Σ exactly. ``text_refiner_position_std``: the std of
         its initial token positions (init only, so not in ``config()``); ``text_refiner_alibi``
         adds ALiBi's distance penalty to its attention, ``text_refiner_relative`` a learned
-        directional bias per token offset instead (each in ``config()`` only when set)."""
+        directional bias per token offset instead, ``text_refiner_conv`` (an odd kernel) a
+        convolution over neighbouring tokens before its blocks (each in ``config()`` only when
+        set)."""
         super().__init__()
         if caption_init_std <= 0:
             raise ValueError(f"DiT: caption_init_std={caption_init_std} must be > 0.")
@@ -263,6 +266,8 @@ class DiT(nn.Module):
             self._config["text_refiner_alibi"] = True
         if text_refiner_relative:
             self._config["text_refiner_relative"] = True
+        if text_refiner_conv:
+            self._config["text_refiner_conv"] = text_refiner_conv
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.hidden_size = hidden_size
@@ -296,6 +301,7 @@ class DiT(nn.Module):
                 text_refiner_position_std,
                 text_refiner_alibi,
                 text_refiner_relative,
+                text_refiner_conv,
             )
             if text_refiner_depth > 0
             else None

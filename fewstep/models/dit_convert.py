@@ -236,6 +236,7 @@ def text_refiner_kwargs(config: Mapping[str, Any], dit_kwargs: Mapping[str, Any]
         text_refiner_max_tokens=int(config["max_tokens"]),
         text_refiner_alibi=bool(config.get("alibi", False)),
         text_refiner_relative=bool(config.get("relative", False)),
+        text_refiner_conv=int(config.get("conv", 0)),
     )
 
 

@@ -67,6 +67,36 @@ class RelativePositionBias(nn.Module):
         return self.table[:, offset].unsqueeze(0)
 
 
+class LocalMixer(nn.Module):
+    """A residual 1-D convolution over neighbouring tokens, h + conv(LN(h)) (the short
+    convolution of H3/Hyena, Fu et al. 2023, and Mamba, Gu & Dao 2023, here dense across
+    channels): each token receives its ``kernel // 2`` neighbours on either side through a linear
+    map per offset, so "square" in "a red square" is given "red" by position, not looked up by
+    content. Padded tokens are zeroed before the convolution; zero-initialised (identity)."""
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        if kernel < 3 or kernel % 2 == 0:
+            raise ValueError(
+                f"TextRefiner: conv kernel {kernel} must be odd and >= 3 "
+                "(set DiT.text_refiner_conv: 0 for none)"
+            )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2)
+
+    def reset_parameters(self) -> None:
+        """Zero convolution: the identity."""
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h: Tensor, valid: Tensor | None) -> Tensor:
+        """Tokens [B, L, D], key-padding mask [B, L] (True = token) or None -> [B, L, D]."""
+        x = self.norm(h)
+        if valid is not None:
+            x = x * valid[..., None].to(x.dtype)
+        return h + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
 class RefinerBlock(nn.Module):
     """Pre-norm transformer encoder block (Xiong et al. 2020) with zero-initialised outputs."""
 
@@ -110,6 +140,7 @@ class TextRefiner(nn.Module):
         position_std: float = 0.02,
         alibi: bool = False,
         relative: bool = False,
+        conv: int = 0,
     ):
         """``position_std``: the initial positions' std (init only, not part of ``config``).
         Near the tokens' own scale, word order is visible from the first step: at 0.02 against
@@ -118,7 +149,8 @@ class TextRefiner(nn.Module):
         ALiBi's distance penalty to every block's attention (``alibi_bias``): locality from the
         first step, where the trained refiner's heads picked colour words by content alone.
         ``relative`` adds a learned per-head bias on the signed token offset
-        (``RelativePositionBias``, directional from the first step); it replaces ``alibi``."""
+        (``RelativePositionBias``, directional from the first step); it replaces ``alibi``.
+        ``conv`` > 0 mixes each token with its neighbours first (``LocalMixer``, that kernel)."""
         super().__init__()
         if alibi and relative:
             raise ValueError(
@@ -140,6 +172,9 @@ class TextRefiner(nn.Module):
             self.config["alibi"] = True
         if relative:
             self.config["relative"] = True
+        if conv:
+            self.config["conv"] = conv
+        self.mixer = LocalMixer(dim, conv) if conv else None
         self.alibi = alibi
         self.relative_bias = RelativePositionBias(num_heads, max_tokens) if relative else None
         self.num_heads = num_heads
@@ -159,6 +194,8 @@ class TextRefiner(nn.Module):
         nn.init.normal_(self.positions, std=self.position_std)
         if self.relative_bias is not None:
             self.relative_bias.reset_parameters()
+        if self.mixer is not None:
+            self.mixer.reset_parameters()
         for block in self.blocks:
             nn.init.zeros_(block.proj.weight)
             nn.init.zeros_(block.mlp[2].weight)
@@ -173,6 +210,8 @@ class TextRefiner(nn.Module):
                 f"{self.positions.shape[0]}; raise DiT.text_refiner_max_tokens"
             )
         h = self.proj_in(tokens) + self.positions[:length].to(tokens.dtype)
+        if self.mixer is not None:
+            h = self.mixer(h, None if bias is None else bias.reshape(bias.shape[0], -1) == 0)
         distance = self.position_bias(length, tokens.device)
         if distance is not None:
             distance = distance.to(tokens.dtype)

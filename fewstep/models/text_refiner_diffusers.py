@@ -32,10 +32,11 @@ class PixArtTextRefinerModel(ModelMixin, ConfigMixin):
         max_tokens: int,
         alibi: bool = False,
         relative: bool = False,
+        conv: int = 0,
     ) -> None:
         super().__init__()
         self.refiner = TextRefiner(
-            channels, dim, num_heads, depth, max_tokens, alibi=alibi, relative=relative
+            channels, dim, num_heads, depth, max_tokens, alibi=alibi, relative=relative, conv=conv
         )
 
     def forward(self, prompt_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
