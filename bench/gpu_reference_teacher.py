@@ -42,7 +42,8 @@ CACHE = [
 ]
 CANDIDATES: dict[str, dict[str, Any]] = {  # patches on TEACHER
     "gpu_ref": {},
-    "gpu_ref_noalibi": {"model.init_args.network.init_args.text_refiner_alibi": False},
+    # the short convolution over neighbouring tokens (DiT.text_refiner_conv), the CPU's last fork
+    "gpu_ref_conv": {"model.init_args.network.init_args.text_refiner_conv": 7},
     "gpu_norefiner": {"model.init_args.network.init_args.text_refiner_depth": 0},
 }
 SCORE = "geneval/overall"

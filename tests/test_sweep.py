@@ -129,6 +129,26 @@ def test_gpu_driver_config_fits_its_length(gpu_driver, tmp_path: Path) -> None:
     assert config["model"]["init_args"]["network"]["init_args"]["text_refiner_depth"] == 2
 
 
+@pytest.mark.parametrize("name", ["gpu_ref", "gpu_ref_conv", "gpu_norefiner"])
+def test_every_gpu_candidate_builds_its_network(gpu_driver, tmp_path: Path, name: str) -> None:
+    """Each candidate's patches give a DiT config that builds (a misspelt key fails here, not
+    minutes into a lent machine's time)."""
+    from fewstep.models.dit import DiT
+
+    assert name in gpu_driver.CANDIDATES
+    config = yaml.safe_load(
+        gpu_driver.patched(
+            gpu_driver.TEACHER, gpu_driver.CANDIDATES[name], tmp_path / f"{name}.yaml"
+        ).read_text()
+    )
+    network = config["model"]["init_args"]["network"]
+    assert network["class_path"].endswith("DiT")
+    dit = DiT(**network["init_args"])
+    refiner = dit.text_refiner
+    assert (refiner is None) is (name == "gpu_norefiner")
+    assert (refiner is not None and refiner.mixer is not None) is (name == "gpu_ref_conv")
+
+
 def test_gpu_driver_steps_fit_the_time_left(gpu_driver) -> None:
     """(100 s - 20 s start-up - 2 validations of 5 s) at 90 % of 10 steps/s = 630 -> 600."""
     timing = {"steps_per_s": 10.0, "startup_s": 20.0, "val_s": 5.0}
