@@ -42,6 +42,7 @@ def load_refiner(ckpt: str, ema: bool, num_heads: int, alibi: bool) -> TextRefin
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     dim, tokens = state["proj_in.weight"].shape[0], state["positions"].shape[0]
     relative = "relative_bias.table" in state  # a learned relative bias replaces ALiBi
+    conv = state["mixer.conv.weight"].shape[-1] if "mixer.conv.weight" in state else 0
     refiner = TextRefiner(
         state["proj_in.weight"].shape[1],
         dim,
@@ -50,6 +51,7 @@ def load_refiner(ckpt: str, ema: bool, num_heads: int, alibi: bool) -> TextRefin
         tokens,
         alibi=alibi and not relative,
         relative=relative,
+        conv=conv,
     )
     refiner.load_state_dict(state)
     return refiner.eval()
@@ -77,6 +79,8 @@ def attention_summary(refiner: TextRefiner, encoder: TextEncoder) -> list[str]:
     tokens, _ = encoder([caption])
     words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(caption)["input_ids"])
     h = refiner.proj_in(tokens) + refiner.positions[: tokens.shape[1]]
+    if refiner.mixer is not None:
+        h = refiner.mixer(h, None)
     bias = refiner.position_bias(tokens.shape[1], tokens.device)
     lines = []
     for i, block in enumerate(refiner.blocks):
