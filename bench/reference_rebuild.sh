@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Rebuild (or resume) the reference teacher's chain on the CPU, stage by stage, skipping what is
+# already there: the reference VAE, the 50,000-sample cache (finished shards are kept), then the
+# teacher run of the given recipe overlay, resumed from its exact last.ckpt when one exists.
+# The run folders live in $FEWSTEP_RUNS/reference (default /root/fewstep_runs), linked as
+# runs/reference, because the work tree is laid anew each session. Usage:
+#   bash bench/reference_rebuild.sh [OVERLAY.yaml] [extra `fewstep fit` args...]
+# default overlay: configs/teacher/shapes_reference_refiner_scratch.yaml (run teacher_r3).
+# Threads: OMP_NUM_THREADS (default 2). Stop the teacher with SIGTERM for an exact last.ckpt.
+# DRY_RUN=1 prints the commands instead of running them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FEWSTEP=${FEWSTEP:-.venv/bin/fewstep}
+RUNS=${FEWSTEP_RUNS:-/root/fewstep_runs}
+OVERLAY=${1:-configs/teacher/shapes_reference_refiner_scratch.yaml}
+shift || true
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+run() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "$*"; else "$@"; fi; }
+
+[ -f "$OVERLAY" ] || { echo "$OVERLAY: no such recipe overlay (see configs/teacher/)" >&2; exit 2; }
+RUN=$(sed -n 's/^ *init_args: {name: \([A-Za-z0-9_.-]*\)}$/\1/p' "$OVERLAY" | tail -1)
+[ -n "$RUN" ] || { echo "$OVERLAY: set trainer.logger.init_args.name (the run to resume)" >&2; exit 2; }
+mkdir -p "$RUNS/reference" runs
+[ -e runs/reference ] || ln -sfn "$RUNS/reference" runs/reference
+if [ ! -f runs/reference/vae/config.json ]; then
+  echo "== VAE (configs/vae/shapes_long.yaml, ~12 min on 2 threads)" >&2
+  run "$FEWSTEP" fit -c configs/vae/shapes.yaml -c configs/vae/shapes_long.yaml \
+    --trainer.logger.init_args.save_dir=runs/reference --model.init_args.export_dir=runs/reference/vae
+fi
+echo "== cache (configs/cache/shapes_reference.yaml; finished shards are kept)" >&2
+run "$FEWSTEP" cache -c configs/cache/shapes.yaml -c configs/cache/shapes_reference.yaml
+LAST=runs/reference/$RUN/checkpoints/last.ckpt
+RESUME=()
+[ -f "$LAST" ] && RESUME=(--ckpt_path "$LAST")
+echo "== teacher $RUN${RESUME:+ (resumed from $LAST)}" >&2
+run "$FEWSTEP" fit -c configs/teacher/shapes.yaml -c configs/teacher/shapes_reference.yaml \
+  -c "$OVERLAY" "${RESUME[@]}" "$@"

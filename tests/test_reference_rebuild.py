@@ -1,0 +1,61 @@
+"""bench/reference_rebuild.sh: each stage is skipped when its output exists, the teacher resumes
+from its exact last.ckpt, and a recipe without a run name is one clear error."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "reference_rebuild.sh"
+OVERLAY = "configs/teacher/r.yaml"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A stand-in checkout: the script under bench/, one recipe overlay, an empty runs store."""
+    (tmp_path / "bench").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "bench" / SCRIPT.name)
+    (tmp_path / "configs" / "teacher").mkdir(parents=True)
+    (tmp_path / OVERLAY).write_text("trainer:\n  logger:\n    init_args: {name: teacher_x}\n")
+    return tmp_path
+
+
+def rebuild(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DRY_RUN": "1", "FEWSTEP": "fewstep", "FEWSTEP_RUNS": str(repo / "store")}
+    cmd = ["bash", str(repo / "bench" / SCRIPT.name), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+
+def test_a_fresh_machine_runs_every_stage(repo: Path) -> None:
+    out = rebuild(repo, OVERLAY, "--trainer.max_steps=10")
+    assert out.returncode == 0, out.stderr
+    vae, cache, teacher = out.stdout.splitlines()
+    assert "configs/vae/shapes_long.yaml" in vae
+    assert cache.startswith("fewstep cache") and "shapes_reference.yaml" in cache
+    assert teacher.endswith(f"-c {OVERLAY} --trainer.max_steps=10")
+    assert "--ckpt_path" not in teacher
+    assert (repo / "runs" / "reference").resolve() == (repo / "store" / "reference").resolve()
+
+
+def test_existing_outputs_are_reused_and_the_teacher_resumes(repo: Path) -> None:
+    (repo / "store" / "reference" / "vae").mkdir(parents=True)
+    (repo / "store" / "reference" / "vae" / "config.json").write_text("{}")
+    ckpts = repo / "store" / "reference" / "teacher_x" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"")
+    out = rebuild(repo, OVERLAY)
+    assert out.returncode == 0, out.stderr
+    cache, teacher = out.stdout.splitlines()  # no VAE stage
+    assert cache.startswith("fewstep cache")
+    assert teacher.endswith("--ckpt_path runs/reference/teacher_x/checkpoints/last.ckpt")
+
+
+def test_a_recipe_without_a_run_name_is_refused(repo: Path) -> None:
+    (repo / OVERLAY).write_text("model: {}\n")
+    out = rebuild(repo, OVERLAY)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "trainer.logger.init_args.name" in out.stderr and OVERLAY in out.stderr
+    missing = rebuild(repo, "configs/teacher/none.yaml")
+    assert missing.returncode == 2 and "no such recipe overlay" in missing.stderr
