@@ -2,7 +2,11 @@
 prompts of each category (seeded), draws one image each at the fit YAML's sampler and CFG (EMA
 weights) and tallies the scorer's first failure reason, grouped (missing or extra objects, wrong
 colour, wrong relation, clutter). Position at chance with both objects drawn reads as "wrong
-relation" ~3/4 of the time; a missing-object teacher reads as "count".
+relation" ~3/4 of the time; a missing-object teacher reads as "count". For position prompts with
+both shapes drawn it also tells which relation was drawn: the asked one, its mirror (the right
+axis, the objects swapped: what a bag-of-words text path gets half the time), the other axis, or
+none clear. A teacher that reads the relation word but not the word order draws "asked" and
+"mirrored" alike and "other axis" never; one that ignores the relation draws all three alike.
 
     python bench/failure_reasons.py FIT_YAML CKPT [--per-category 64] [--seed 1]
         [--categories counting,position] [--detail 5] [--cfg 1]
@@ -19,7 +23,8 @@ import torch
 
 from fewstep.data.prompts import CATEGORIES, caption_of
 from fewstep.data.shapes import sample_spec
-from fewstep.eval.geneval import score_image, tensor_to_hwc
+from fewstep.eval.detect import Detection, analyse
+from fewstep.eval.geneval import relative_position, score_image, tensor_to_hwc
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.sampling import as_null_text
 from fewstep.models.text_encoder import TextEncoder
@@ -33,11 +38,30 @@ GROUPS = (
     ("relation", r" not "),
     ("clutter", r"^cluttered"),
 )
+MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+DRAWN = ("asked", "mirrored", "other axis", "none clear")
 
 
 def reason_group(reason: str) -> str:
     """The failure group of one scorer reason."""
     return next((name for name, pattern in GROUPS if re.search(pattern, reason)), "other")
+
+
+def drawn_relation(detections: list[Detection], spec: dict) -> str | None:
+    """Which relation a position image drew between its first detected shape of each kind (one
+    of ``DRAWN``), or None where either shape is missing."""
+    first, second = (
+        next((d for d in detections if d.shape == o["shape"]), None) for o in spec["objects"]
+    )
+    if first is None or second is None:
+        return None
+    drawn = relative_position(first, second)
+    asked = spec["relation"]
+    if asked in drawn:
+        return "asked"
+    if MIRROR[asked] in drawn:
+        return "mirrored"
+    return "other axis" if drawn else "none clear"
 
 
 def prompts(
@@ -63,7 +87,8 @@ def tally(
     guidance_scale: float | None = None,
 ) -> tuple[dict[str, Counter], dict[str, Counter]]:
     """({category: Counter(group)}, {category: Counter(reason)}) over the sampled prompts, at
-    the fit YAML's CFG scale or ``guidance_scale``."""
+    the fit YAML's CFG scale or ``guidance_scale``; details["drawn relation"] counts
+    ``drawn_relation`` over the position prompts."""
     module, _, _ = load_trained(config, ckpt)
     module.eval()
     if guidance_scale is not None:
@@ -72,7 +97,7 @@ def tally(
     module._null_text = as_null_text(encoder.null_embedding())
     pairs = prompts(per_category, seed, categories)
     counts: dict[str, Counter] = {c: Counter() for c in categories}
-    details: dict[str, Counter] = {c: Counter() for c in categories}
+    details: dict[str, Counter] = {c: Counter() for c in (*categories, "drawn relation")}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         with torch.no_grad():
@@ -83,6 +108,9 @@ def tally(
             _, reason = score_image(tensor_to_hwc(image), spec)
             counts[spec["category"]][reason_group(reason)] += 1
             details[spec["category"]][reason] += 1
+            if spec["category"] == "position":
+                drawn = drawn_relation(analyse(tensor_to_hwc(image)).objects, spec)
+                details["drawn relation"][drawn or "a shape missing"] += 1
     return counts, details
 
 
@@ -111,6 +139,11 @@ def main() -> None:
         n = sum(counter.values())
         cells = [f"{counter[name] / n:.0%}" for name in names]
         print(f"| {category} | {n} | " + " | ".join(cells) + " |")
+    drawn = details.pop("drawn relation")
+    both = sum(drawn[name] for name in DRAWN)
+    if both:
+        cells = ", ".join(f"{name} {drawn[name] / both:.0%}" for name in DRAWN)
+        print(f"\nposition, both shapes drawn ({both} of {sum(drawn.values())}): {cells}")
     for category, counter in details.items():
         for reason, k in counter.most_common(args.detail):
             print(f"{category}: {k} x {reason}")

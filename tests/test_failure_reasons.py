@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from bench_scripts import load_bench
 
-from fewstep.data.prompts import CATEGORIES, caption_of, make_spec, obj, spec_of
+from fewstep.data.prompts import CATEGORIES, RELATIONS, caption_of, make_spec, obj, spec_of
 from fewstep.eval.detect import Detection
 from fewstep.eval.geneval import judge, score_image
 
@@ -56,3 +56,33 @@ def test_prompts_hold_each_category_equally_and_reproducibly(reasons):
     assert only == [p for p in pairs if p[1]["category"] == "position"]
     for caption, spec in pairs:
         assert caption == caption_of(spec) and spec_of(caption)["category"] == spec["category"]
+
+
+def test_drawn_relation_tells_the_mirror_from_the_other_axis(reasons):
+    spec = make_spec("position", [obj("circle"), obj("square")], "left of")
+    circle, square = "circle", "square"
+    layouts = {
+        "asked": [_detection(circle, "red", 10, 30), _detection(square, "blue", 50, 30)],
+        "mirrored": [_detection(circle, "red", 50, 30), _detection(square, "blue", 10, 30)],
+        "other axis": [_detection(circle, "red", 30, 10), _detection(square, "blue", 30, 50)],
+        "none clear": [_detection(circle, "red", 30, 30), _detection(square, "blue", 31, 31)],
+    }
+    for expected, detections in layouts.items():
+        assert reasons.drawn_relation(detections, spec) == expected
+    assert reasons.drawn_relation(layouts["asked"][:1], spec) is None
+    below = make_spec("position", [obj("square"), obj("circle")], "below")
+    assert reasons.drawn_relation(layouts["other axis"], below) == "asked"
+    assert set(reasons.MIRROR) == set(reasons.MIRROR.values()) == set(RELATIONS)
+
+
+def test_tally_scores_every_prompt_and_tracks_the_drawn_relation(reasons, tmp_path):
+    from student_fixtures import build_tiny_teacher
+
+    teacher = build_tiny_teacher(tmp_path)
+    categories = ("position", "colors")
+    counts, details = reasons.tally(
+        str(teacher.config), str(teacher.ckpt), 3, seed=0, batch=4, categories=categories
+    )
+    assert {c: sum(counts[c].values()) for c in categories} == {c: 3 for c in categories}
+    assert sum(details["drawn relation"].values()) == 3  # one per position prompt
+    assert set(details["drawn relation"]) <= {*reasons.DRAWN, "a shape missing"}
