@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild (or resume) the reference teacher's chain on the CPU, stage by stage, skipping what is
 # already there: the reference VAE, the 50,000-sample cache (finished shards are kept), then the
-# teacher run of the given recipe overlay, resumed from its exact last.ckpt when one exists.
+# teacher run of the given recipe overlay, resumed from its exact last.ckpt when one exists. The
+# overlay's first comment lines name its config chain (`# fewstep fit -c BASE ... -c OVERLAY`),
+# as every configs/teacher/shapes_reference_*.yaml does; the run name is its logger name.
 # The run folders live in $FEWSTEP_RUNS/reference (default /root/fewstep_runs), linked as
 # runs/reference, because the work tree is laid anew each session. Usage:
 #   bash bench/reference_rebuild.sh [OVERLAY.yaml] [extra `fewstep fit` args...]
@@ -20,6 +22,16 @@ run() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "$*"; else "$@"; fi; }
 [ -f "$OVERLAY" ] || { echo "$OVERLAY: no such recipe overlay (see configs/teacher/)" >&2; exit 2; }
 RUN=$(sed -n 's/^ *init_args: {name: \([A-Za-z0-9_.-]*\)}$/\1/p' "$OVERLAY" | tail -1)
 [ -n "$RUN" ] || { echo "$OVERLAY: set trainer.logger.init_args.name (the run to resume)" >&2; exit 2; }
+CHAIN=()
+for config in $(sed -n '/^#/!q;p' "$OVERLAY" | grep -o -- '-c [^ \\)]*' | cut -c4-); do
+  [ -f "$config" ] || { echo "$OVERLAY: its header names $config, which does not exist" >&2; exit 2; }
+  CHAIN+=(-c "$config")
+done
+[ ${#CHAIN[@]} -gt 0 ] && [ "${CHAIN[-1]}" = "$OVERLAY" ] || {
+  echo "$OVERLAY: name its config chain in its first comment lines, ending with itself:" >&2
+  echo "  # fewstep fit -c configs/teacher/shapes.yaml ... -c $OVERLAY" >&2
+  exit 2
+}
 mkdir -p "$RUNS/reference" runs
 [ -e runs/reference ] || ln -sfn "$RUNS/reference" runs/reference
 if [ ! -f runs/reference/vae/config.json ]; then
@@ -33,5 +45,4 @@ LAST=runs/reference/$RUN/checkpoints/last.ckpt
 RESUME=()
 [ -f "$LAST" ] && RESUME=(--ckpt_path "$LAST")
 echo "== teacher $RUN${RESUME:+ (resumed from $LAST)}" >&2
-run "$FEWSTEP" fit -c configs/teacher/shapes.yaml -c configs/teacher/shapes_reference.yaml \
-  -c "$OVERLAY" "${RESUME[@]}" "$@"
+run "$FEWSTEP" fit "${CHAIN[@]}" "${RESUME[@]}" "$@"

@@ -8,6 +8,7 @@ text encoder of configs/cache/shapes.yaml (384-wide text), a 1-block DiT with pa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -245,10 +246,30 @@ def load_config(path: Path) -> dict[str, Any]:
     return deep_merge(yaml.safe_load(base_config(path).read_text()), raw)
 
 
+def header_chain(path: Path) -> list[Path]:
+    """The config chain of the first ``# fewstep fit -c A -c B \\`` command (continuation lines
+    included) in an overlay's leading comment, or [] when it names none ending with ``path``
+    itself (the chain bench/reference_rebuild.sh runs)."""
+    root = Path(__file__).resolve().parents[1]
+    command = ""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or (command and not command.endswith("\\")):
+            break
+        if command or line.startswith("# fewstep fit"):
+            command += line.lstrip("# ")
+    chain = [root / name for name in re.findall(r"-c ([^\s\\)]+)", command)]
+    if not chain or chain[-1].resolve() != path.resolve() or not all(p.is_file() for p in chain):
+        return []
+    return chain
+
+
 def overlay_chain(path: Path) -> list[Path]:
-    """``path`` preceded by its base config when it is an overlay, and by that one's base when
-    it is an overlay too (``shapes_reference_gpu.yaml`` layers on ``shapes_reference.yaml``,
-    which layers on ``shapes.yaml``)."""
+    """The chain its header names (``header_chain``), else ``path`` preceded by its base config
+    when it is an overlay, and by that one's base when it is an overlay too
+    (``shapes_reference_gpu.yaml`` layers on ``shapes_reference.yaml``, on ``shapes.yaml``)."""
+    named = header_chain(path) if is_overlay(path) else []
+    if named:
+        return named
     chain = [path]
     while is_overlay(chain[0]) and len(chain) < 8:
         chain.insert(0, base_config(chain[0]))

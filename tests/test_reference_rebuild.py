@@ -10,6 +10,8 @@ import pytest
 
 SCRIPT = Path(__file__).parents[1] / "bench" / "reference_rebuild.sh"
 OVERLAY = "configs/teacher/r.yaml"
+HEADER = f"# fewstep fit -c configs/teacher/base.yaml \\\n#   -c {OVERLAY}\n# what it tests\n"
+BODY = "trainer:\n  logger:\n    init_args: {name: teacher_x}\n"
 
 
 @pytest.fixture
@@ -18,7 +20,8 @@ def repo(tmp_path: Path) -> Path:
     (tmp_path / "bench").mkdir()
     shutil.copy(SCRIPT, tmp_path / "bench" / SCRIPT.name)
     (tmp_path / "configs" / "teacher").mkdir(parents=True)
-    (tmp_path / OVERLAY).write_text("trainer:\n  logger:\n    init_args: {name: teacher_x}\n")
+    (tmp_path / "configs" / "teacher" / "base.yaml").write_text("model: {}\n")
+    (tmp_path / OVERLAY).write_text(f"{HEADER}{BODY}")
     return tmp_path
 
 
@@ -34,7 +37,9 @@ def test_a_fresh_machine_runs_every_stage(repo: Path) -> None:
     vae, cache, teacher = out.stdout.splitlines()
     assert "configs/vae/shapes_long.yaml" in vae
     assert cache.startswith("fewstep cache") and "shapes_reference.yaml" in cache
-    assert teacher.endswith(f"-c {OVERLAY} --trainer.max_steps=10")
+    assert (
+        teacher == f"fewstep fit -c configs/teacher/base.yaml -c {OVERLAY} --trainer.max_steps=10"
+    )
     assert "--ckpt_path" not in teacher
     assert (repo / "runs" / "reference").resolve() == (repo / "store" / "reference").resolve()
 
@@ -52,8 +57,15 @@ def test_existing_outputs_are_reused_and_the_teacher_resumes(repo: Path) -> None
     assert teacher.endswith("--ckpt_path runs/reference/teacher_x/checkpoints/last.ckpt")
 
 
-def test_a_recipe_without_a_run_name_is_refused(repo: Path) -> None:
-    (repo / OVERLAY).write_text("model: {}\n")
+def test_a_recipe_without_its_chain_or_run_name_is_refused(repo: Path) -> None:
+    (repo / OVERLAY).write_text(BODY)
+    out = rebuild(repo, OVERLAY)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "name its config chain" in out.stderr and OVERLAY in out.stderr
+    (repo / OVERLAY).write_text(HEADER.replace("base.yaml", "gone.yaml") + BODY)
+    out = rebuild(repo, OVERLAY)
+    assert out.returncode == 2 and "configs/teacher/gone.yaml, which does not exist" in out.stderr
+    (repo / OVERLAY).write_text(f"{HEADER}model: {{}}\n")
     out = rebuild(repo, OVERLAY)
     assert out.returncode == 2 and out.stdout == ""
     assert "trainer.logger.init_args.name" in out.stderr and OVERLAY in out.stderr
