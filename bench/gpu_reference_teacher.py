@@ -40,11 +40,29 @@ CACHE = [
     "configs/cache/shapes_reference.yaml",
     "configs/cache/shapes_reference_gpu.yaml",
 ]
+MMDIT = [  # R4: the size-matched MMDiT of the CPU runs (docs/reference_teacher.md, session 7)
+    "configs/teacher/flux_shapes.yaml",
+    "configs/teacher/shapes_reference.yaml",
+    "configs/teacher/shapes_reference_flux.yaml",
+]
+
+
+def mmdit_patches() -> dict[str, Any]:
+    """The GPU recipe with R4's FLUX.1-block network (the whole network mapping) and its pooled
+    text vector (the mean MiniLM token): read from R4's YAMLs, not copied."""
+    r4 = base_config(MMDIT)
+    return {
+        "model.init_args.network": r4["model"]["init_args"]["network"],
+        "data.init_args.pooled_text": r4["data"]["init_args"]["pooled_text"],
+    }
+
+
 CANDIDATES: dict[str, dict[str, Any]] = {  # patches on TEACHER
     "gpu_ref": {},
     # the short convolution over neighbouring tokens (DiT.text_refiner_conv), the CPU's last fork
     "gpu_ref_conv": {"model.init_args.network.init_args.text_refiner_conv": 7},
     "gpu_norefiner": {"model.init_args.network.init_args.text_refiner_depth": 0},
+    "gpu_mmdit": mmdit_patches(),
 }
 SCORE = "geneval/overall"
 

@@ -129,24 +129,45 @@ def test_gpu_driver_config_fits_its_length(gpu_driver, tmp_path: Path) -> None:
     assert config["model"]["init_args"]["network"]["init_args"]["text_refiner_depth"] == 2
 
 
+def candidate_config(gpu_driver, name: str, tmp_path: Path) -> dict:
+    assert name in gpu_driver.CANDIDATES
+    path = gpu_driver.patched(
+        gpu_driver.TEACHER, gpu_driver.CANDIDATES[name], tmp_path / f"{name}.yaml"
+    )
+    return yaml.safe_load(path.read_text())
+
+
 @pytest.mark.parametrize("name", ["gpu_ref", "gpu_ref_conv", "gpu_norefiner"])
 def test_every_gpu_candidate_builds_its_network(gpu_driver, tmp_path: Path, name: str) -> None:
     """Each candidate's patches give a DiT config that builds (a misspelt key fails here, not
     minutes into a lent machine's time)."""
     from fewstep.models.dit import DiT
 
-    assert name in gpu_driver.CANDIDATES
-    config = yaml.safe_load(
-        gpu_driver.patched(
-            gpu_driver.TEACHER, gpu_driver.CANDIDATES[name], tmp_path / f"{name}.yaml"
-        ).read_text()
-    )
-    network = config["model"]["init_args"]["network"]
+    network = candidate_config(gpu_driver, name, tmp_path)["model"]["init_args"]["network"]
     assert network["class_path"].endswith("DiT")
     dit = DiT(**network["init_args"])
     refiner = dit.text_refiner
     assert (refiner is None) is (name == "gpu_norefiner")
     assert (refiner is not None and refiner.mixer is not None) is (name == "gpu_ref_conv")
+
+
+def test_the_mmdit_candidate_is_r4_on_the_gpu_recipe(gpu_driver, tmp_path: Path) -> None:
+    """gpu_mmdit: R4's FLUX.1-block network whole (no DiT argument left in it) and its pooled
+    text, on the GPU recipe's batch, lr, precision and schedule."""
+    from fewstep.models.flux import Flux
+
+    config = candidate_config(gpu_driver, "gpu_mmdit", tmp_path)
+    reference = candidate_config(gpu_driver, "gpu_ref", tmp_path)
+    network = config["model"]["init_args"]["network"]
+    assert network["class_path"] == "fewstep.models.flux.Flux"
+    flux = Flux(**network["init_args"])
+    assert 5.0e6 < sum(p.numel() for p in flux.parameters()) < 5.5e6  # R3's DiT: 5.04M
+    assert (flux.hidden_size, len(flux.double_blocks), len(flux.single_blocks)) == (192, 2, 4)
+    assert config["data"]["init_args"]["pooled_text"] == "mean_tokens"
+    for key in ("precision", "max_steps"):
+        assert config["trainer"][key] == reference["trainer"][key]
+    assert config["data"]["init_args"]["batch_size"] == reference["data"]["init_args"]["batch_size"]
+    assert config["model"]["init_args"]["optimizer"] == reference["model"]["init_args"]["optimizer"]
 
 
 def test_gpu_driver_steps_fit_the_time_left(gpu_driver) -> None:
