@@ -93,3 +93,51 @@ def test_a_run_resumed_from_the_signal_checkpoint_equals_an_uninterrupted_one(tm
     assert list(expected) == list(got)
     for name, value in expected.items():
         assert torch.equal(value, got[name]), name
+
+
+def _step(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_a_resumed_run_keeps_its_periodic_saves_in_last_ckpt(tmp_path):
+    """Stopped before its first periodic save, then resumed from last.ckpt: Lightning would
+    write the periodic ``last`` saves to last-v1.ckpt, leaving last.ckpt at the old step for
+    any crash; they go to last.ckpt. A new fit beside an old last.ckpt still leaves it alone."""
+    teacher = build_tiny_teacher(tmp_path / "teacher")
+
+    def fit(root, max_steps, *callbacks, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = load_module(teacher.config)
+        data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
+        checkpoints = ModelCheckpoint(root / "ckpt", save_last=True, every_n_train_steps=4)
+        trainer = quiet_trainer(
+            max_steps,
+            root,
+            enable_checkpointing=True,
+            callbacks=[*callbacks, GracefulStop(), checkpoints, FinalLastCheckpoint()],
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    run = tmp_path / "run"
+    fit(run, 20, SignalAt(2, signal.SIGTERM))  # stopped before the first periodic save
+    last = run / "ckpt" / "last.ckpt"
+    assert _step(last) == 2
+    fit(run, 20, SignalAt(9, signal.SIGTERM), ckpt_path=str(last))
+    assert sorted(p.name for p in (run / "ckpt").glob("last*")) == ["last.ckpt"]
+    assert _step(last) == 9
+
+    class Crash(Exception):
+        pass
+
+    class CrashAt(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 14:
+                raise Crash  # no graceful stop: only the periodic saves are on disk
+
+    with pytest.raises(Crash):
+        fit(run, 20, CrashAt(), ckpt_path=str(last))
+    assert _step(last) == 12  # the newest periodic save, not the resume point (9)
+    assert sorted(p.name for p in (run / "ckpt").glob("last*")) == ["last.ckpt"]
+
+    fit(run, 5)  # a new fit in the same folder: Lightning versions its own last save
+    assert _step(last) == 12 and _step(run / "ckpt" / "last-v1.ckpt") == 5
