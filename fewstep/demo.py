@@ -196,14 +196,18 @@ def teacher_source() -> str:
 
 
 def _teacher_overrides() -> list[str]:
-    """Student overrides loading the shipped teacher (none when it is trained here)."""
+    """Student overrides loading the shipped teacher (none when it is trained here), with the
+    pooled text vector it was trained on (an MMDiT's: its teacher.yaml's data section)."""
     folder = shipped_teacher()
     if folder is None:
         return []
+    shipped = yaml.safe_load((folder / SHIPPED_TEACHER_YAML).read_text()) or {}
+    pooled = ((shipped.get("data") or {}).get("init_args") or {}).get("pooled_text")
     return [
         f"--model.init_args.teacher_config={folder / SHIPPED_TEACHER_YAML}",
         "--model.init_args.teacher_ckpt=null",
         f"--model.init_args.vae_path={folder / 'vae'}",
+        *([f"--data.init_args.pooled_text={pooled}"] if pooled else []),
     ]
 
 

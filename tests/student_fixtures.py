@@ -354,3 +354,43 @@ def tiny_teacher_args(tiny: TinyTeacher, tmp_path: Path) -> list[str]:
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.fast_dev_run=true",
     ]
+
+
+TINY_FLUX = {
+    "in_channels": LATENT_CHANNELS,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "context_in_dim": TEXT_DIM,
+    "vec_in_dim": TEXT_DIM,  # the pooled vector is the mean of the MiniLM tokens
+    "axes_dim": [4, 6, 6],
+}
+
+
+def flux_data(cache: Path) -> CachedLatentDataModule:
+    """The tiny cache with the pooled vector as configs/teacher/flux_shapes.yaml derives it."""
+    return CachedLatentDataModule(
+        str(cache), batch_size=4, val_fraction=0.25, pooled_text="mean_tokens"
+    )
+
+
+def train_flux_teacher(root: Path, cache: Path, vae: Path, guidance_embed: bool) -> TinyTeacher:
+    """configs/teacher/flux_shapes.yaml with a tiny network, trained 2 steps (EMA 0.5)."""
+    config = yaml.safe_load((CONFIGS / "teacher/flux_shapes.yaml").read_text())
+    network = config["model"]["init_args"]["network"]
+    network["init_args"] = {**TINY_FLUX, "guidance_embed": guidance_embed}
+    config["model"]["init_args"].update(vae_path=str(vae), val_num_samples=4)
+    config["model"]["init_args"]["sampler"]["init_args"]["steps"] = 2
+    config["data"]["init_args"].update(path=str(cache), batch_size=4, val_fraction=0.25)
+    path = root / f"teacher_flux_{guidance_embed}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    module = load_module(path)
+    with torch.no_grad():
+        for p in module.network.parameters():
+            p.normal_(0.0, 0.05)  # non-trivial weights (zero-initialised output layers)
+    trainer = quiet_trainer(2, callbacks=[EMA(decay=0.5)])
+    trainer.fit(module, flux_data(cache))
+    ckpt = root / f"teacher_flux_{guidance_embed}.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return TinyTeacher(root, path, ckpt, cache, vae, "flow")

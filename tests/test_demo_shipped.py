@@ -14,7 +14,15 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from student_fixtures import CONFIGS, PROCESSES, build_tiny_teacher, teacher_yaml
+from student_fixtures import (
+    CONFIGS,
+    PROCESSES,
+    build_tiny_cache,
+    build_tiny_teacher,
+    build_tiny_vae,
+    teacher_yaml,
+    train_flux_teacher,
+)
 
 from fewstep import demo
 from fewstep.cli import run
@@ -83,7 +91,7 @@ def _student_yaml(method: str, run_dir: Path) -> dict:
     return config
 
 
-def tiny_configs(folder: Path, run_dir: Path, tiny) -> Path:
+def tiny_configs(folder: Path, run_dir: Path, tiny, methods: tuple[str, ...] = METHODS) -> Path:
     """configs/{cache,teacher,student} for the demo on the tiny world under ``run_dir``."""
     cache = yaml.safe_load((CONFIGS / "cache/shapes.yaml").read_text())
     cache["dataset"]["init_args"]["size"] = 24
@@ -93,7 +101,7 @@ def tiny_configs(folder: Path, run_dir: Path, tiny) -> Path:
     teacher["data"]["init_args"]["text_dropout"] = 0.0
     teacher["trainer"] = _trainer(run_dir, "teacher")
     files = {"cache/shapes": cache, "teacher/shapes": teacher}
-    files |= {f"student/{m}_shapes": _student_yaml(m, run_dir) for m in METHODS}
+    files |= {f"student/{m}_shapes": _student_yaml(m, run_dir) for m in methods}
     for name, config in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
@@ -154,6 +162,35 @@ def test_demo_distils_the_shipped_teacher_and_compares_methods(demo_on, shipped)
     assert f"shipped {out}: GenEval overall" in report  # the stage table names the teacher
     assert "| teacher (shipped) |" in table and "| lcm | 4 | not run |" in table
     assert "largest difference 0.000" in table
+
+
+def test_the_demo_distils_a_shipped_mmdit_teacher(tmp_path, monkeypatch):
+    """An MMDiT (FLUX.1 blocks) teacher shipped with `fewstep ship`: the demo validates it and
+    distils it with the pooled text vector its teacher.yaml names (the mean MiniLM token)."""
+    root = tmp_path / "flux"
+    vae = build_tiny_vae(root / "vae")
+    tiny = train_flux_teacher(root, build_tiny_cache(root / "cache", vae, 16), vae, False)
+    out = root / "reference"
+    args = ["--config", str(tiny.config), "--ckpt_path", str(tiny.ckpt), "--out", str(out)]
+    run(["ship", *args, "--info", json.dumps({"score": {"overall": 0.5}})])
+    run_dir = tmp_path / "demo"
+    configs = tiny_configs(tmp_path / "configs", run_dir, tiny, ("lcm",))
+    profile = dataclasses.replace(demo.PROFILES["cpu"], run_dir=run_dir, configs_dir=configs)
+    monkeypatch.setitem(demo.PROFILES, "cpu", profile)
+    for name in ("FEWSTEP_DEMO_PROFILE", "FEWSTEP_DEMO_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FEWSTEP_DEMO_TEACHER", str(out))
+    monkeypatch.setenv("FEWSTEP_DEMO_STUDENT", "lcm")
+    monkeypatch.setenv("FEWSTEP_DEMO_STAGES", "cache,teacher,student,report")
+    assert "--data.init_args.pooled_text=mean_tokens" in demo._teacher_overrides()
+    demo.main()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0.0 <= results["teacher"]["validate"]["val/geneval/overall"] <= 1.0
+    ckpt = torch.load(run_dir / "student_lcm" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["teacher"]["sha256"] == weights_hash(
+        load_teacher(str(out / "teacher.yaml"), None).network
+    )
+    assert "val/student_1/nfe" in results["student"]["methods"]["lcm"]["validate"]
 
 
 def _flip_last_byte(path: Path) -> None:

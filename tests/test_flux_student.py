@@ -18,14 +18,13 @@ from student_fixtures import (
     build_tiny_cache,
     build_tiny_vae,
     cpu_student_config,
-    quiet_trainer,
+    flux_data,
+    train_flux_teacher,
 )
 
 from fewstep.cli import run
-from fewstep.data.datamodule import CachedLatentDataModule
 from fewstep.diffusion.samplers import Euler
 from fewstep.lightning.checkpoints import load_module
-from fewstep.lightning.ema import EMA
 from fewstep.lightning.sampling import as_null_text
 from fewstep.lightning.student_module import StudentModule
 
@@ -33,44 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROGRESSIVE = CONFIGS / "student/progressive_flux_shapes.yaml"
 LCM = CONFIGS / "student/lcm_shapes.yaml"
-TINY_FLUX = {
-    "in_channels": LATENT_CHANNELS,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "depth": 1,
-    "depth_single_blocks": 1,
-    "context_in_dim": TEXT_DIM,
-    "vec_in_dim": TEXT_DIM,  # the pooled vector is the mean of the MiniLM tokens
-    "axes_dim": [4, 6, 6],
-}
-
-
-def flux_data(cache: Path) -> CachedLatentDataModule:
-    """The tiny cache with the pooled vector as configs/teacher/flux_shapes.yaml derives it."""
-    return CachedLatentDataModule(
-        str(cache), batch_size=4, val_fraction=0.25, pooled_text="mean_tokens"
-    )
-
-
-def train_flux_teacher(root: Path, cache: Path, vae: Path, guidance_embed: bool) -> TinyTeacher:
-    """configs/teacher/flux_shapes.yaml with a tiny network, trained 2 steps (EMA 0.5)."""
-    config = yaml.safe_load((CONFIGS / "teacher/flux_shapes.yaml").read_text())
-    network = config["model"]["init_args"]["network"]
-    network["init_args"] = {**TINY_FLUX, "guidance_embed": guidance_embed}
-    config["model"]["init_args"].update(vae_path=str(vae), val_num_samples=4)
-    config["model"]["init_args"]["sampler"]["init_args"]["steps"] = 2
-    config["data"]["init_args"].update(path=str(cache), batch_size=4, val_fraction=0.25)
-    path = root / f"teacher_flux_{guidance_embed}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    module = load_module(path)
-    with torch.no_grad():
-        for p in module.network.parameters():
-            p.normal_(0.0, 0.05)  # non-trivial weights (zero-initialised output layers)
-    trainer = quiet_trainer(2, callbacks=[EMA(decay=0.5)])
-    trainer.fit(module, flux_data(cache))
-    ckpt = root / f"teacher_flux_{guidance_embed}.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return TinyTeacher(root, path, ckpt, cache, vae, "flow")
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +136,38 @@ def test_guidance_embedded_teacher_samples_in_one_pass_per_step(teachers, tmp_pa
     cond = torch.randn(3, TEXT_DIM)
     module.teacher_latents(text, mask, noise, cond)
     assert sizes == [3, 3] and module.teacher_nfe == 2  # conditional batch only, 2 Euler steps
+
+
+@pytest.mark.parametrize("guidance_embed", [False, True])
+def test_a_shipped_flux_teacher_loads_without_its_checkpoint_and_distils(
+    teachers, tmp_path, guidance_embed
+):
+    """`fewstep ship` of an MMDiT teacher: a FLUX.1 pipeline folder whose teacher.yaml loads the
+    trained EMA weights (PretrainedFlux) and keeps the pooled-text setting; a student then
+    distils it with no checkpoint named."""
+    import json
+
+    from fewstep.lightning.checkpoints import load_trained
+    from fewstep.lightning.student_module import load_teacher
+
+    teacher, out = teachers[guidance_embed], tmp_path / "shipped"
+    args = ["--config", str(teacher.config), "--ckpt_path", str(teacher.ckpt), "--out", str(out)]
+    run(["ship", *args, "--info", json.dumps({"score": {"overall": 0.25}})])
+    shipped = yaml.safe_load((out / "teacher.yaml").read_text())
+    assert shipped["model"]["init_args"]["network"]["class_path"].endswith("PretrainedFlux")
+    assert shipped["data"] == {"init_args": {"pooled_text": "mean_tokens"}}
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    trained, _, _ = load_trained(teacher.config, teacher.ckpt, ema=True)
+    loaded = load_teacher(str(out / "teacher.yaml"), None)
+    mine, theirs = loaded.network.state_dict(), trained.network.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert loaded.guidance_scale == trained.guidance_scale
+
+    student = TinyTeacher(out, out / "teacher.yaml", None, teacher.cache, out / "vae", "flow")
+    config = cpu_student_config(LCM, student, tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"]["teacher_ckpt"] = None
+    config.write_text(yaml.safe_dump(raw))
+    metrics = fit_and_validate(config, "--data.init_args.pooled_text=mean_tokens")
+    assert metrics["val/student_2/nfe"] == 2 and metrics["val/student_1/latent_mse"] > 0

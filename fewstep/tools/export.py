@@ -144,7 +144,7 @@ def _export_student(
     )
 
 
-def _latent_size(config: str | Path) -> tuple[int, int]:
+def latent_size(config: str | Path) -> tuple[int, int]:
     """(h, w) of the latents in the fit YAML's cache (the Flux pipeline's height and width)."""
     from fewstep.data.cache import read_manifest
 
@@ -181,7 +181,7 @@ def _export_flux(
         module.process,
         module.prediction,
         module.sampler,
-        _latent_size(config),
+        latent_size(config),
         guidance_scale=module.guidance_scale,
         steps=steps,
         text_encoder_path=text_encoder_path,
