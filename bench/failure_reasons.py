@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from fewstep.data.datamodule import mean_tokens
 from fewstep.data.prompts import CATEGORIES, caption_of
 from fewstep.data.shapes import sample_spec
 from fewstep.eval.detect import Detection, analyse
@@ -28,7 +31,8 @@ from fewstep.eval.geneval import relative_position, score_image, tensor_to_hwc
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.sampling import as_null_text
 from fewstep.models.text_encoder import TextEncoder
-from fewstep.tools.generate_images import latent_shape, sample
+from fewstep.tools.export import latent_size
+from fewstep.tools.generate_images import latent_shape
 from fewstep.utils.seeding import fixed_noise
 
 GROUPS = (
@@ -64,6 +68,28 @@ def drawn_relation(detections: list[Detection], spec: dict) -> str | None:
     return "other axis" if drawn else "none clear"
 
 
+def takes_mean_tokens(config: str) -> bool:
+    """Whether the fit YAML's teacher takes the mean text token as its pooled vector (an MMDiT
+    trained with ``data.init_args.pooled_text: mean_tokens``)."""
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    data = (raw.get("data") or {}).get("init_args") or {}
+    return data.get("pooled_text") == "mean_tokens"
+
+
+def pooled(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each caption's valid tokens [B, D], as the datamodule's ``mean_tokens``."""
+    rows = [t[m.bool()].numpy() for t, m in zip(text, mask, strict=True)]
+    return torch.from_numpy(mean_tokens(rows, text.shape[-1]))
+
+
+def sample_shape(module: torch.nn.Module, config: str) -> tuple[int, int, int]:
+    """(C, h, w) of the latents to sample: the DiT's own size, or for an MMDiT (no fixed size)
+    the size of the cache it trained on."""
+    if hasattr(module.network, "base_size"):
+        return latent_shape(module)
+    return (module.network.in_channels, *latent_size(config))
+
+
 def prompts(
     per_category: int, seed: int, categories: tuple[str, ...] = CATEGORIES
 ) -> list[tuple[str, dict]]:
@@ -94,16 +120,20 @@ def tally(
     if guidance_scale is not None:
         module.guidance_scale = guidance_scale
     encoder = TextEncoder(None, max_length=32)  # as configs/cache/shapes.yaml
-    module._null_text = as_null_text(encoder.null_embedding())
-    pairs = prompts(per_category, seed, categories)
+    with_pooled = takes_mean_tokens(config)
+    null_text, null_mask = encoder.null_embedding()
+    null_pooled = pooled(null_text, null_mask) if with_pooled else None
+    module._null_text = as_null_text((null_text, null_mask, null_pooled))
+    pairs, shape = prompts(per_category, seed, categories), sample_shape(module, config)
     counts: dict[str, Counter] = {c: Counter() for c in categories}
     details: dict[str, Counter] = {c: Counter() for c in (*categories, "drawn relation")}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         with torch.no_grad():
             text, mask = encoder([c for c, _ in chunk])
-            noise = fixed_noise(latent_shape(module), range(start, start + len(chunk)), seed)
-            images = module.decode(sample(module, text, mask.bool(), noise, None, seed))
+            noise = fixed_noise(shape, range(start, start + len(chunk)), seed)
+            cond = pooled(text, mask) if with_pooled else None
+            images = module.decode(module.sample_latents(text, mask.bool(), noise, cond=cond))
         for (_, spec), image in zip(chunk, images, strict=True):
             _, reason = score_image(tensor_to_hwc(image), spec)
             counts[spec["category"]][reason_group(reason)] += 1

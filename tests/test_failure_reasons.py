@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from bench_scripts import load_bench
 
 from fewstep.data.prompts import CATEGORIES, RELATIONS, caption_of, make_spec, obj, spec_of
@@ -86,3 +87,21 @@ def test_tally_scores_every_prompt_and_tracks_the_drawn_relation(reasons, tmp_pa
     assert {c: sum(counts[c].values()) for c in categories} == {c: 3 for c in categories}
     assert sum(details["drawn relation"].values()) == 3  # one per position prompt
     assert set(details["drawn relation"]) <= {*reasons.DRAWN, "a shape missing"}
+
+
+def test_an_mmdit_teacher_gets_its_pooled_text(reasons, tmp_path):
+    """A teacher trained on the mean MiniLM token as its pooled vector (the MMDiT recipe) is
+    sampled with it, for the prompts and the null caption; it equals the datamodule's."""
+    from student_fixtures import build_tiny_cache, build_tiny_vae, train_flux_teacher
+
+    from fewstep.models.text_encoder import TextEncoder
+
+    vae = build_tiny_vae(tmp_path / "vae")
+    teacher = train_flux_teacher(tmp_path, build_tiny_cache(tmp_path / "c", vae, 8), vae, False)
+    assert reasons.takes_mean_tokens(str(teacher.config))
+    counts, _ = reasons.tally(str(teacher.config), str(teacher.ckpt), 2, 0, 4, ("colors",))
+    assert sum(counts["colors"].values()) == 2
+    text, mask = TextEncoder(None, max_length=32)(["a photo of a red circle", "a square"])
+    mine = reasons.pooled(text, mask)
+    for row, tokens, valid in zip(mine, text, mask, strict=True):
+        assert torch.allclose(row, tokens[: int(valid.sum())].mean(0), atol=1e-6)
