@@ -65,12 +65,15 @@ def test_a_signal_ends_the_fit_after_the_batch_without_validating_first(tmp_path
     assert signal.getsignal(signum) == previous  # handlers given back
 
 
-def _fit(teacher, root, max_steps: int, *callbacks, ckpt_path=None) -> pl.LightningModule:
-    """``max_steps`` of the tiny teacher with last.ckpt in ``root/ckpt``; the trained module."""
+def _fit(
+    teacher, root, max_steps: int, *callbacks, ckpt_path=None, every: int = 100
+) -> pl.LightningModule:
+    """``max_steps`` of the tiny teacher with last.ckpt in ``root/ckpt`` (a periodic save every
+    ``every`` steps); the trained module."""
     pl.seed_everything(0, verbose=False)
     module = load_module(teacher.config)
     data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
-    checkpoints = ModelCheckpoint(root / "ckpt", save_last=True, every_n_train_steps=100)
+    checkpoints = ModelCheckpoint(root / "ckpt", save_last=True, every_n_train_steps=every)
     trainer = quiet_trainer(
         max_steps,
         root,
@@ -106,17 +109,7 @@ def test_a_resumed_run_keeps_its_periodic_saves_in_last_ckpt(tmp_path):
     teacher = build_tiny_teacher(tmp_path / "teacher")
 
     def fit(root, max_steps, *callbacks, ckpt_path=None):
-        pl.seed_everything(0, verbose=False)
-        module = load_module(teacher.config)
-        data = CachedLatentDataModule(str(teacher.cache), batch_size=4, val_fraction=0.25)
-        checkpoints = ModelCheckpoint(root / "ckpt", save_last=True, every_n_train_steps=4)
-        trainer = quiet_trainer(
-            max_steps,
-            root,
-            enable_checkpointing=True,
-            callbacks=[*callbacks, GracefulStop(), checkpoints, FinalLastCheckpoint()],
-        )
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        _fit(teacher, root, max_steps, *callbacks, ckpt_path=ckpt_path, every=4)
 
     run = tmp_path / "run"
     fit(run, 20, SignalAt(2, signal.SIGTERM))  # stopped before the first periodic save

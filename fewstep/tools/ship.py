@@ -59,27 +59,11 @@ def ship(
     module, ckpt, weights = load_trained(config, ckpt_path, ema)
     family = "flux" if isinstance(module.network, Flux) else "pixart"
     common = dict(text_encoder_path=None, overwrite=overwrite, guidance_scale=module.guidance_scale)
-    if family == "flux":
-        export_flux_pipeline(
-            module.network,
-            module.vae_path,
-            out,
-            module.process,
-            module.prediction,
-            module.sampler,
-            latent_size(config),
-            **common,
-        )
+    trained = (module.network, module.vae_path, out, module.process, module.prediction)
+    if family == "flux":  # no fixed size: the pipeline samples the latents it trained on
+        export_flux_pipeline(*trained, module.sampler, latent_size(config), **common)
     else:
-        export_pixart_sigma_pipeline(
-            module.network,
-            module.vae_path,
-            out,
-            module.process,
-            module.prediction,
-            module.sampler,
-            **common,
-        )
+        export_pixart_sigma_pipeline(*trained, module.sampler, **common)
     teacher_yaml = shipped_teacher_yaml(config, out, family)
     (Path(out) / TEACHER_YAML).write_text(yaml.safe_dump(teacher_yaml, sort_keys=False))
     recipe = {"fit_config": yaml.safe_load(Path(config).read_text()), "weights": weights}
