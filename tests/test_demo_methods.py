@@ -181,6 +181,7 @@ def test_reflow_with_a_shipped_teacher_draws_its_couplings_from_the_teacher_yaml
     loads the same teacher, and reflow is validated like every method."""
     folder = tmp_path / "shipped"
     folder.mkdir()
+    (folder / "teacher.yaml").write_text("model: {}\n")  # as fewstep ship writes (a DiT's)
     write_manifest(folder, {"recipe": {"weights": "ema"}})
     monkeypatch.setenv("FEWSTEP_DEMO_TEACHER", str(folder))
     calls: list[list[str]] = []
@@ -197,6 +198,7 @@ def test_reflow_with_a_shipped_teacher_draws_its_couplings_from_the_teacher_yaml
     teacher_yaml = str(folder / "teacher.yaml")
     assert calls[0][-4:] == ["--teacher_config", teacher_yaml, "--teacher_ckpt", "null"]
     assert f"--model.init_args.teacher_config={teacher_yaml}" in calls[1]
+    assert not any("pooled_text" in arg for arg in calls[1])  # a DiT teacher takes none
     assert entry["validate"]["val/student_1/geneval/overall"] == 0.4
     assert entry["teacher"].startswith(f"shipped:{folder.resolve()}")
 

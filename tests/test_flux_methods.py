@@ -21,9 +21,10 @@ from student_fixtures import (
     checkpoint_every,
     couplings_args,
     cpu_student_config,
+    flux_data,
 )
 from test_flux_cache import FakeVAE
-from test_flux_student import TINY_FLUX, flux_data, teachers  # noqa: F401  (teachers: fixture)
+from test_flux_student import teachers  # noqa: F401  (teachers: fixture)
 
 from fewstep.cli import run
 from fewstep.data.cache import LatentCache

@@ -23,11 +23,11 @@ from student_fixtures import (
     checkpoint_every,
     cpu_student_config,
     teacher_yaml,
+    train_flux_teacher,
     train_tiny_teacher,
 )
 from test_dit import NO_SIZE_COND
 from test_flux import diffusers_out as flux_diffusers_out
-from test_flux_student import train_flux_teacher
 from test_student import OneBatchData, Regression, trainer
 from torch import nn
 
