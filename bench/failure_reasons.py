@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from fewstep.data.datamodule import mean_tokens
 from fewstep.data.prompts import CATEGORIES, caption_of
@@ -31,6 +29,7 @@ from fewstep.eval.geneval import relative_position, score_image, tensor_to_hwc
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.sampling import as_null_text
 from fewstep.models.text_encoder import TextEncoder
+from fewstep.tools.couplings import data_args
 from fewstep.tools.export import latent_size
 from fewstep.tools.generate_images import latent_shape
 from fewstep.utils.seeding import fixed_noise
@@ -71,9 +70,7 @@ def drawn_relation(detections: list[Detection], spec: dict) -> str | None:
 def takes_mean_tokens(config: str) -> bool:
     """Whether the fit YAML's teacher takes the mean text token as its pooled vector (an MMDiT
     trained with ``data.init_args.pooled_text: mean_tokens``)."""
-    raw = yaml.safe_load(Path(config).read_text()) or {}
-    data = (raw.get("data") or {}).get("init_args") or {}
-    return data.get("pooled_text") == "mean_tokens"
+    return data_args(config).get("pooled_text") == "mean_tokens"
 
 
 def pooled(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
