@@ -16,11 +16,15 @@ BODY = "trainer:\n  logger:\n    init_args: {name: teacher_x}\n"
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """A stand-in checkout: the script under bench/, one recipe overlay, an empty runs store."""
+    """A stand-in checkout: the script under bench/, one recipe overlay, the default cache's
+    configs, an empty runs store."""
     (tmp_path / "bench").mkdir()
     shutil.copy(SCRIPT, tmp_path / "bench" / SCRIPT.name)
     (tmp_path / "configs" / "teacher").mkdir(parents=True)
     (tmp_path / "configs" / "teacher" / "base.yaml").write_text("model: {}\n")
+    (tmp_path / "configs" / "cache").mkdir()
+    for name in ("shapes", "shapes_reference"):  # the default cache's chain
+        (tmp_path / "configs" / "cache" / f"{name}.yaml").write_text("out: x\n")
     (tmp_path / OVERLAY).write_text(f"{HEADER}{BODY}")
     return tmp_path
 
@@ -71,3 +75,22 @@ def test_a_recipe_without_its_chain_or_run_name_is_refused(repo: Path) -> None:
     assert "trainer.logger.init_args.name" in out.stderr and OVERLAY in out.stderr
     missing = rebuild(repo, "configs/teacher/none.yaml")
     assert missing.returncode == 2 and "no such recipe overlay" in missing.stderr
+
+
+def test_caches_named_in_the_header_are_built_before_the_teacher(repo: Path) -> None:
+    for name in ("hard", "val"):
+        (repo / "configs" / "cache" / f"{name}.yaml").write_text("out: x\n")
+    base = "-c configs/cache/shapes.yaml -c configs/cache/shapes_reference.yaml"
+    caches = f"# fewstep cache {base} \\\n#   -c configs/cache/hard.yaml\n"
+    caches += f"# fewstep cache {base} -c configs/cache/val.yaml\n"
+    (repo / OVERLAY).write_text(f"{HEADER}{caches}{BODY}")
+    out = rebuild(repo, OVERLAY)
+    assert out.returncode == 0, out.stderr
+    _, hard, val, teacher = out.stdout.splitlines()
+    assert hard == f"fewstep cache {base} -c configs/cache/hard.yaml"
+    assert val == f"fewstep cache {base} -c configs/cache/val.yaml"
+    assert teacher == f"fewstep fit -c configs/teacher/base.yaml -c {OVERLAY}"
+    (repo / "configs" / "cache" / "val.yaml").unlink()
+    out = rebuild(repo, OVERLAY)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "configs/cache/val.yaml, which does not exist" in out.stderr
