@@ -25,7 +25,7 @@ from fewstep.data.datamodule import mean_tokens
 from fewstep.data.prompts import CATEGORIES, caption_of
 from fewstep.data.shapes import sample_spec
 from fewstep.eval.detect import Detection, analyse
-from fewstep.eval.geneval import relative_position, score_image, tensor_to_hwc
+from fewstep.eval.geneval import relative_position, score_scene, tensor_to_hwc
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.sampling import as_null_text
 from fewstep.models.text_encoder import TextEncoder
@@ -132,11 +132,12 @@ def tally(
             cond = pooled(text, mask) if with_pooled else None
             images = module.decode(module.sample_latents(text, mask.bool(), noise, cond=cond))
         for (_, spec), image in zip(chunk, images, strict=True):
-            _, reason = score_image(tensor_to_hwc(image), spec)
+            scene = analyse(tensor_to_hwc(image))
+            _, reason = score_scene(scene, spec)
             counts[spec["category"]][reason_group(reason)] += 1
             details[spec["category"]][reason] += 1
             if spec["category"] == "position":
-                drawn = drawn_relation(analyse(tensor_to_hwc(image)).objects, spec)
+                drawn = drawn_relation(scene.objects, spec)
                 details["drawn relation"][drawn or "a shape missing"] += 1
     return counts, details
 

@@ -198,11 +198,12 @@ def teacher_source() -> str:
 def _teacher_overrides() -> list[str]:
     """Student overrides loading the shipped teacher (none when it is trained here), with the
     pooled text vector it was trained on (an MMDiT's: its teacher.yaml's data section)."""
+    from fewstep.tools.couplings import data_args
+
     folder = shipped_teacher()
     if folder is None:
         return []
-    shipped = yaml.safe_load((folder / SHIPPED_TEACHER_YAML).read_text()) or {}
-    pooled = ((shipped.get("data") or {}).get("init_args") or {}).get("pooled_text")
+    pooled = data_args(str(folder / SHIPPED_TEACHER_YAML)).get("pooled_text")
     return [
         f"--model.init_args.teacher_config={folder / SHIPPED_TEACHER_YAML}",
         "--model.init_args.teacher_ckpt=null",

@@ -13,7 +13,7 @@ import torch
 from torchmetrics import Metric
 
 from fewstep.data.prompts import CATEGORIES, Spec, spec_of
-from fewstep.eval.detect import Detection, analyse
+from fewstep.eval.detect import Detection, Scene, analyse
 
 POSITION_THRESHOLD = 0.1  # GenEval's margin, as a fraction of the two boxes' summed sizes
 
@@ -66,8 +66,12 @@ def judge(detections: list[Detection], spec: Spec) -> tuple[bool, str]:
 
 def score_image(image: np.ndarray, spec: Spec | str) -> tuple[bool, str]:
     """Judge one HxWx3 image (uint8 or float [0,1]) against a spec or a caption."""
+    return score_scene(analyse(image), spec)
+
+
+def score_scene(scene: Scene, spec: Spec | str) -> tuple[bool, str]:
+    """Judge an analysed image (``analyse``) against a spec or a caption."""
     spec = spec_of(spec) if isinstance(spec, str) else spec
-    scene = analyse(image)
     if scene.cluttered:  # a detector sees no scene in speckle: fail, whatever blobs match
         return False, f"cluttered: {scene.stray:.1%} of the image is colour outside objects"
     return judge(scene.objects, spec)
