@@ -7,6 +7,7 @@ fewstep export -c FIT.yaml --ckpt_path last.ckpt --out DIR  # teacher/student as
 fewstep couplings -c configs/student/reflow_couplings_shapes.yaml  # teacher (noise, sample)
 fewstep shapes-features --out fewstep/assets/shapes_features  # the FID feature network
 fewstep ship --config FIT.yaml --ckpt_path last.ckpt --out fewstep/assets/NAME  # a shipped teacher
+fewstep ship-vae --vae runs/x/vae --config runs/x/vae_training/config.yaml --out DIR  # a VAE
 fewstep evaluate -c metrics.yaml --images DIR --reference DIR --out DIR  # FID, CLIPScore, ...
 """
 
@@ -53,20 +54,33 @@ def _tools() -> dict[str, Callable]:
     from fewstep.tools.ship import ship
 
     tools["ship"] = ship
+    from fewstep.tools.ship_vae import ship_vae
+
+    tools["ship-vae"] = ship_vae
     from fewstep.tools.evaluate import evaluate
 
     tools["evaluate"] = evaluate
     return tools
 
 
-TOOL_NAMES = ("shapes", "cache", "export", "couplings", "shapes-features", "ship", "evaluate")
+TOOL_NAMES = (
+    "shapes",
+    "cache",
+    "export",
+    "couplings",
+    "shapes-features",
+    "ship",
+    "ship-vae",
+    "evaluate",
+)
 TOP_HELP = (
     "fewstep: train a latent DiT teacher and distil it into a 1-4 step student. Training and "
     "evaluation: fit, validate, test, predict (LightningCLI, below). Tools, each with its own "
     "--help: shapes (render and score the shapes world), cache (latent/text cache), couplings "
     "(teacher noise-sample pairs), export (a diffusers pipeline), shapes-features (train the "
-    "feature network), ship (package a teacher as a shipped model), evaluate (FID, KID, CMMD, "
-    "CLIPScore, HPSv2, GenEval of generated images, weights from local paths)."
+    "feature network), ship / ship-vae (package a teacher / a VAE as a shipped model), "
+    "evaluate (FID, KID, CMMD, CLIPScore, HPSv2, GenEval of generated images, weights from "
+    "local paths)."
 )
 
 

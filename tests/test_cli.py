@@ -42,7 +42,7 @@ def test_console_script_help_lists_subcommands():
     ).stdout
     for command in ("fit", "validate", "test", "predict", "shapes", "cache", "couplings"):
         assert command in out
-    for tool in ("export", "shapes-features", "ship"):
+    for tool in ("export", "shapes-features", "ship", "ship-vae"):
         assert tool in out
 
 
