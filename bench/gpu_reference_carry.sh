@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what bench/gpu_reference_teacher.sh carries to a lent GPU machine (run here, once):
 #   .whl  the pure-Python wheels its image lacks (diffusers, jsonargparse and their needs);
-#   .gpu  the reference VAE (runs/reference/vae) and the packaged MiniLM with float16 weights
+#   .gpu  the shipped reference VAE (fewstep/assets/reference_vae) and the packaged MiniLM with float16 weights
 #         (44 MB instead of 88: the whole carry must stay under 64 MiB; embeddings differ from
 #         float32 by ~8e-4 relative, the float16 cache's own rounding).
 # Both folders are git-ignored through .git/info/exclude. Then: device run
@@ -14,7 +14,7 @@ mkdir -p .whl .gpu/minilm
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 jsonargparse==4.53.0 \
   docstring-parser==0.18.0 typeshed-client==2.15.0 importlib-metadata==10.2.0 lazy-importer==0.1.0
-rm -rf .gpu/vae && cp -r runs/reference/vae .gpu/vae
+rm -rf .gpu/vae && cp -r fewstep/assets/reference_vae .gpu/vae
 "$PY" - <<'PY'
 import shutil
 from pathlib import Path

@@ -27,7 +27,7 @@ LOCAL = {  # the CPU reference runs' data, so scores compare with theirs (same p
     "data.init_args.batch_size": 32,
     "data.init_args.num_workers": 0,
     "data.init_args.val_fraction": 0.01024,
-    "model.init_args.vae_path": "runs/reference/vae",
+    "model.init_args.vae_path": "fewstep/assets/reference_vae",
     "trainer.precision": "32-true",
     "trainer.limit_val_batches": 16,
 }

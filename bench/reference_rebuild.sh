@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild (or resume) the reference teacher's chain on the CPU, stage by stage, skipping what is
-# already there: the reference VAE, the 50,000-sample cache (finished shards are kept), then the
-# teacher run of the given recipe overlay, resumed from its exact last.ckpt when one exists. The
+# already there: the 50,000-sample cache of the shipped reference VAE (fewstep/assets/reference_vae;
+# finished shards are kept), then the teacher run of the given recipe overlay, resumed from its exact last.ckpt when one exists. The
 # overlay's first comment lines name its config chain (`# fewstep fit -c BASE ... -c OVERLAY`),
 # as every configs/teacher/shapes_reference_*.yaml does; the run name is its logger name. Caches
 # other than the uniform reference one are named there too, one `# fewstep cache -c ...` command
@@ -42,11 +42,11 @@ for config in $(configs_of "$FIT"); do CHAIN+=(-c "$config"); done
 }
 mkdir -p "$RUNS/reference" runs
 [ -e runs/reference ] || ln -sfn "$RUNS/reference" runs/reference
-if [ ! -f runs/reference/vae/config.json ]; then
-  echo "== VAE (configs/vae/shapes_long.yaml, ~12 min on 2 threads)" >&2
-  run "$FEWSTEP" fit -c configs/vae/shapes.yaml -c configs/vae/shapes_long.yaml \
-    --trainer.logger.init_args.save_dir=runs/reference --model.init_args.export_dir=runs/reference/vae
-fi
+VAE=fewstep/assets/reference_vae  # the caches and the teacher read the shipped VAE
+[ -f $VAE/config.json ] || {
+  echo "$VAE: the shipped reference VAE is missing; restore it: git checkout -- $VAE" >&2
+  exit 2
+}
 for cache in "${CACHES[@]}"; do
   CACHE_CHAIN=()
   for config in $(configs_of "$cache"); do CACHE_CHAIN+=(-c "$config"); done

@@ -208,7 +208,7 @@ def test_gpu_import_joins_halves_and_points_config_home(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(raw))
     local = module.local_config(tmp_path, "c", tmp_path / "out" / "c")
     assert local["data"]["init_args"]["path"] == "runs/reference/cache"
-    assert local["model"]["init_args"]["vae_path"] == "runs/reference/vae"
+    assert local["model"]["init_args"]["vae_path"] == "fewstep/assets/reference_vae"
     assert local["trainer"]["precision"] == "32-true"
     assert [c["class_path"] for c in local["trainer"]["callbacks"]] == ["M"]
     torch.save({"state_dict": {"a": torch.ones(2)}, "meta": meta}, tmp_path / "c_ema_1.pt")
