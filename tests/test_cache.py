@@ -240,6 +240,19 @@ def test_build_refuses_existing_cache_of_other_encoders(built: Path, tmp_path: P
         build(tmp_path / "photos")
 
 
+def test_a_cache_of_other_category_weights_is_refused(built: Path, tmp_path: Path) -> None:
+    """The world's category weights are part of the build: a resume with other weights would
+    mix two data distributions in one cache."""
+    root = copy(built, tmp_path)
+    before = tree(root)
+    probs = json.loads((root / "build.json").read_text())["preprocessing"]["dataset"]
+    assert probs["category_probs"] == pytest.approx([1 / 6] * 6)
+    weighted = ShapesWorld(size=N, resolution=32, seed=0, categories={"position": 2, "colors": 1})
+    with pytest.raises(CacheError, match="preprocessing="):
+        build_cache(weighted, FakeVAE(), FakeText(), root, shard_size=SHARD, progress=False)
+    assert tree(root) == before
+
+
 def test_float16_overflow_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="VAE posterior mean.*not finite in float16.*float32"):
         build(tmp_path / "c", vae=FakeVAE(gain=1e6))

@@ -60,9 +60,14 @@ RUNTIME_STATE = {"skipped", "skipped_reasons"}  # what a dataset learns while re
 
 
 def _describe(value: Any) -> Any:
-    """JSON form of a simple attribute value (scalar, path, short list of them), else _SKIP."""
+    """JSON form of a simple attribute value (scalar, path, short list or 1-D array of them),
+    else _SKIP."""
     if isinstance(value, bool | int | float | str) or value is None:
         return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 1:  # e.g. ShapesWorld.category_probs
+        return _describe(value.tolist())
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, list | tuple) and len(value) <= 32:
