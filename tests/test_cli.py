@@ -1,6 +1,7 @@
 """The fewstep console script: LightningCLI behaviour and the tool subcommands."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -42,8 +43,9 @@ def test_console_script_help_lists_subcommands():
     ).stdout
     for command in ("fit", "validate", "test", "predict", "shapes", "cache", "couplings"):
         assert command in out
+    flat = re.sub(r"-\s+", "-", out)  # argparse wraps long help at hyphens
     for tool in ("export", "shapes-features", "ship", "ship-vae"):
-        assert tool in out
+        assert tool in flat
 
 
 def test_bad_tool_argument_is_one_clear_error(capsys):

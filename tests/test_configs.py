@@ -212,6 +212,9 @@ def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list
     model = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
     # a graft names a run's checkpoint; grafting is tested in tests/test_text_refiner.py
     graft = ["--model.init_args.init_weights=null"] if model.get("init_weights") else []
+    data = (yaml.safe_load(path.read_text()).get("data") or {}).get("init_args") or {}
+    # a recipe validating on its own cache (val_path) validates on the tiny cache here
+    val = [f"--data.init_args.val_path={cache}"] if data.get("val_path") else []
     return [
         "-c",
         str(base),
@@ -226,7 +229,7 @@ def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list
         "--data.init_args.path",
         str(cache),
         "--data.init_args.batch_size=8",
-        "--data.init_args.val_fraction=0.25",
+        *(val or ["--data.init_args.val_fraction=0.25"]),
         "--data.init_args.num_workers=0",
         "--model.init_args.vae_path",
         str(vae_dir),
