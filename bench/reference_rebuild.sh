@@ -2,8 +2,9 @@
 # Rebuild (or resume) the reference teacher's chain on the CPU, stage by stage, skipping what is
 # already there: the 50,000-sample cache of the shipped reference VAE (fewstep/assets/reference_vae;
 # finished shards are kept), then the teacher run of the given recipe overlay, resumed from its
-# exact last.ckpt when one exists. The overlay's first comment lines name its config chain (`# fewstep fit -c BASE ... -c OVERLAY`),
-# as every configs/teacher/shapes_reference_*.yaml does; the run name is its logger name. Caches
+# exact last.ckpt when one exists. The overlay's first comment lines name its config chain
+# (`# fewstep fit -c BASE ... -c OVERLAY`), as every configs/teacher/shapes_reference_*.yaml does;
+# the run name is its logger name. Caches
 # other than the uniform reference one are named there too, one `# fewstep cache -c ...` command
 # each (continuation lines allowed); every one is built (or finished) before the teacher.
 # The run folders live in $FEWSTEP_RUNS/reference (default /root/fewstep_runs), linked as
