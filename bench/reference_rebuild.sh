@@ -4,9 +4,9 @@
 # finished shards are kept), then the teacher run of the given recipe overlay, resumed from its
 # exact last.ckpt when one exists. The overlay's first comment lines name its config chain
 # (`# fewstep fit -c BASE ... -c OVERLAY`), as every configs/teacher/shapes_reference_*.yaml does;
-# the run name is its logger name. Caches
-# other than the uniform reference one are named there too, one `# fewstep cache -c ...` command
-# each (continuation lines allowed); every one is built (or finished) before the teacher.
+# the run name is its logger name. Caches other than the uniform reference one are named there
+# too, one `# fewstep cache -c ...` command each (continuation lines allowed); every one is built
+# (or finished) before the teacher.
 # The run folders live in $FEWSTEP_RUNS/reference (default /root/fewstep_runs), linked as
 # runs/reference, because the work tree is laid anew each session. Usage:
 #   bash bench/reference_rebuild.sh [OVERLAY.yaml] [extra `fewstep fit` args...]
