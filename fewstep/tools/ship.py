@@ -16,7 +16,7 @@ from fewstep.lightning.checkpoints import load_trained
 from fewstep.models.flux import Flux
 from fewstep.tools.couplings import data_args
 from fewstep.tools.export import latent_size
-from fewstep.utils.manifest import write_manifest
+from fewstep.utils.manifest import manifest_info, write_manifest
 
 TEACHER_YAML = "teacher.yaml"
 LOADERS = {  # the network class that reads a shipped folder, by the trained network's family
@@ -51,12 +51,13 @@ def ship(
     config: str,
     ckpt_path: str,
     out: str,
-    info: dict[str, Any] | None = None,
+    info: str | None = None,
     ema: bool = True,
     overwrite: bool = False,
 ) -> dict[str, str]:
     """Write the shipped folder ``out`` for the teacher of fit YAML ``config`` at ``ckpt_path``
-    (EMA weights by default); ``info`` (score, steps, time...) goes into the manifest."""
+    (EMA weights by default); ``info``, a JSON object (score, steps, time...), goes into the
+    manifest verbatim."""
     module, ckpt, weights = load_trained(config, ckpt_path, ema)
     family = "flux" if isinstance(module.network, Flux) else "pixart"
     common = dict(text_encoder_path=None, overwrite=overwrite, guidance_scale=module.guidance_scale)
@@ -68,6 +69,6 @@ def ship(
     teacher_yaml = shipped_teacher_yaml(config, out, family)
     (Path(out) / TEACHER_YAML).write_text(yaml.safe_dump(teacher_yaml, sort_keys=False))
     recipe = {"fit_config": yaml.safe_load(Path(config).read_text()), "weights": weights}
-    manifest = {"recipe": recipe, "global_step": ckpt.get("global_step"), **(info or {})}
+    manifest = {"recipe": recipe, "global_step": ckpt.get("global_step"), **manifest_info(info)}
     write_manifest(out, manifest)
     return {"shipped": str(out), "weights": weights}

@@ -19,7 +19,7 @@ from fewstep.data.images import collate_samples
 from fewstep.data.shapes import ShapesWorld
 from fewstep.eval.reconstruction import reconstruction_geneval
 from fewstep.models.vae import VAE
-from fewstep.utils.manifest import write_manifest
+from fewstep.utils.manifest import manifest_info, write_manifest
 
 
 @torch.no_grad()
@@ -55,17 +55,19 @@ def ship_vae(
     vae: str,
     config: str,
     out: str,
-    info: dict[str, Any] | None = None,
+    info: str | None = None,
     num_samples: int = 600,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Ship the VAE folder ``vae`` trained by fit YAML ``config`` (the run's saved config.yaml
-    reproduces it exactly) as ``out``; ``info`` (steps, seconds...) goes into the manifest."""
+    reproduces it exactly) as ``out``; ``info``, a JSON object (steps, seconds...), goes into the
+    manifest verbatim."""
     source, target = Path(vae), Path(out)
     if not (source / "config.json").is_file():
         raise SystemExit(f"--vae {source}: no config.json; give the folder a VAE run exported")
     if target.exists() and not overwrite:
         raise SystemExit(f"--out {target} exists; choose a new folder or pass --overwrite true")
+    extra = manifest_info(info)  # a bad --info fails before any work
     model = VAE(pretrained_path=str(source)).eval()
     figures = reconstruction_figures(model, num_samples=num_samples)
     recipe = {"fit_config": yaml.safe_load(Path(config).read_text())}
@@ -74,7 +76,7 @@ def ship_vae(
     try:  # the old folder is replaced only by a complete new one
         shutil.copytree(source, staging, dirs_exist_ok=True)
         write_manifest(
-            staging, {"kind": "vae", "recipe": recipe, "reconstruction": figures, **(info or {})}
+            staging, {"kind": "vae", "recipe": recipe, "reconstruction": figures, **extra}
         )
         if target.exists():
             shutil.rmtree(target)

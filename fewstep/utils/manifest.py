@@ -40,6 +40,21 @@ def write_manifest(folder: str | Path, info: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def manifest_info(info: str | None) -> dict[str, Any]:
+    """The ``--info`` JSON object of a ship command, read verbatim (a YAML-reading CLI would turn a
+    note such as ``"600 renders: varies by seed"`` into a mapping); one clear error otherwise."""
+    if info is None:
+        return {}
+    try:
+        parsed = json.loads(info)
+    except ValueError as err:
+        example = '{"score": 0.8}'
+        raise SystemExit(f"--info is not JSON ({err}); give an object, e.g. '{example}'") from None
+    if not isinstance(parsed, dict):
+        raise SystemExit(f"--info must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
 def shipped_root(path: str | Path) -> Path | None:
     """The shipped-model folder holding ``path`` (itself or a parent), or None."""
     path = Path(path).resolve()
