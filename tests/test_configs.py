@@ -209,10 +209,11 @@ def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list
     base, *overlays = overlay_chain(path)
     base = cpu_sized(base, tmp_path)
     overlay = [arg for p in overlays for arg in ("-c", str(p))]
-    model = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+    raw = yaml.safe_load(path.read_text())
+    model = (raw.get("model") or {}).get("init_args") or {}
     # a graft names a run's checkpoint; grafting is tested in tests/test_text_refiner.py
     graft = ["--model.init_args.init_weights=null"] if model.get("init_weights") else []
-    data = (yaml.safe_load(path.read_text()).get("data") or {}).get("init_args") or {}
+    data = (raw.get("data") or {}).get("init_args") or {}
     # a recipe validating on its own cache (val_path) validates on the tiny cache here
     val = [f"--data.init_args.val_path={cache}"] if data.get("val_path") else []
     return [

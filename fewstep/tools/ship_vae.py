@@ -11,29 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from torchmetrics.image import PeakSignalNoiseRatio
 
-from fewstep.data.images import collate_samples
 from fewstep.data.shapes import ShapesWorld
-from fewstep.eval.reconstruction import reconstruction_geneval
+from fewstep.eval.reconstruction import reconstruction_fidelity
 from fewstep.models.vae import VAE
 from fewstep.utils.manifest import manifest_info, write_manifest
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae: VAE, world: ShapesWorld, num_samples: int, batch: int = 64) -> float:
-    """PSNR (dB, images in [-1, 1]) of posterior-mean reconstructions of ``world``'s first
-    ``num_samples`` renders, over all their pixels."""
-    metric = PeakSignalNoiseRatio(data_range=2.0)
-    for start in range(0, num_samples, batch):
-        images = collate_samples([world[i] for i in range(start, min(start + batch, num_samples))])[
-            "image"
-        ]
-        mean, _ = vae.encode_moments(images)
-        metric.update(vae.decode_raw(mean).clamp(-1, 1), images)
-    return float(metric.compute())
 
 
 def reconstruction_figures(
@@ -43,12 +26,8 @@ def reconstruction_figures(
     error ``overall_se``) and PSNR on reconstructions of ``num_samples`` held-out renders (seed
     ``seed``; training uses seed 0)."""
     world = ShapesWorld(size=num_samples, resolution=resolution, seed=seed)
-    return {
-        "num_samples": num_samples,
-        "seed": seed,
-        "geneval": reconstruction_geneval(vae, world, num_samples=num_samples),
-        "psnr_db": reconstruction_psnr(vae, world, num_samples),
-    }
+    accuracy, psnr = reconstruction_fidelity(vae, world, num_samples=num_samples)
+    return {"num_samples": num_samples, "seed": seed, "geneval": accuracy, "psnr_db": psnr}
 
 
 def ship_vae(
