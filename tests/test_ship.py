@@ -11,6 +11,7 @@ from student_fixtures import build_tiny_teacher
 from fewstep.cli import run
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.lightning.student_module import load_teacher
+from fewstep.tools.ship import shipped_teacher_yaml
 from fewstep.utils.fingerprint import weights_hash
 from fewstep.utils.manifest import ShippedModelError
 
@@ -116,3 +117,26 @@ def test_couplings_draw_from_a_shipped_teacher_without_a_checkpoint(shipped, tmp
     info = json.loads((couplings / "manifest.json").read_text())["couplings"]["teacher"]
     assert info["weights_sha256"] == weights_hash(trained.network)  # the trained EMA weights
     assert info["weights"] == "shipped:ema"
+
+
+@pytest.mark.parametrize(
+    ("pooled", "kept"), [("mean_tokens", True), ("cache", False), (None, False)]
+)
+def test_a_derived_pooled_text_setting_travels_with_the_shipped_teacher(tmp_path, pooled, kept):
+    data = {"init_args": {"path": "cache", "pooled_text": pooled}} if pooled else {}
+    fit = {
+        "model": {
+            "class_path": "fewstep.lightning.teacher_module.TeacherModule",
+            "init_args": {"network": {"class_path": "x"}, "optimizer": {"class_path": "y"}},
+        },
+        "data": data,
+    }
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump(fit))
+    shipped = shipped_teacher_yaml(config, tmp_path / "out", family="flux")
+    assert "optimizer" not in shipped["model"]["init_args"]
+    assert shipped["model"]["init_args"]["vae_path"] == "vae"
+    if kept:
+        assert shipped["data"] == {"init_args": {"pooled_text": pooled}}
+    else:
+        assert "data" not in shipped

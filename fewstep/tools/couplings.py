@@ -39,7 +39,11 @@ def teacher_weights(config: str, ckpt_path: str | None, ema: bool) -> str:
 
 def data_args(config: str) -> dict[str, Any]:
     """``data.init_args`` of a fit YAML ({} if absent)."""
-    raw = yaml.safe_load(Path(config).expanduser().read_text()) or {}
+    return data_section_args(yaml.safe_load(Path(config).expanduser().read_text()) or {})
+
+
+def data_section_args(raw: dict[str, Any]) -> dict[str, Any]:
+    """``data.init_args`` of an already parsed fit YAML ({} if absent)."""
     data = raw.get("data") or {}
     return dict(data.get("init_args") or {})
 

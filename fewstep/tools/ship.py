@@ -14,7 +14,7 @@ from fewstep.export.flux_pipeline import export_flux_pipeline
 from fewstep.export.pixart_pipeline import export_pixart_sigma_pipeline
 from fewstep.lightning.checkpoints import load_trained
 from fewstep.models.flux import Flux
-from fewstep.tools.couplings import data_args
+from fewstep.tools.couplings import data_section_args
 from fewstep.tools.export import latent_size
 from fewstep.utils.manifest import manifest_info, write_manifest
 
@@ -41,7 +41,7 @@ def shipped_teacher_yaml(
     for key in ("optimizer", "lr_scheduler", "compile", "compile_kwargs"):
         args.pop(key, None)
     shipped: dict[str, Any] = {"model": {"class_path": model["class_path"], "init_args": args}}
-    pooled = data_args(str(config)).get("pooled_text")
+    pooled = data_section_args(raw).get("pooled_text")
     if pooled not in (None, "cache"):
         shipped["data"] = {"init_args": {"pooled_text": pooled}}
     return shipped
