@@ -375,12 +375,6 @@ def _merged_config(configs: list[Path]) -> dict[str, Any]:
     return merged
 
 
-def _data_args(config: dict[str, Any]) -> dict[str, Any]:
-    """A fit config's ``data.init_args``."""
-    data = config.get("data") or {}
-    return dict(data.get("init_args") or {})
-
-
 def _reflow_on_cache(log_dir: Path) -> tuple[list[str], str]:
     """Validate the reflow student on the cache's held-out prompts and noise, as every other
     student (its own data are couplings, whose held-out prompts differ): a ``-c`` overlay with
@@ -388,14 +382,18 @@ def _reflow_on_cache(log_dir: Path) -> tuple[list[str], str]:
     pairs that were among its training couplings (their noise is the validation noise)."""
     from fewstep.data.cache import read_manifest
     from fewstep.data.datamodule import split_indices
+    from fewstep.tools.couplings import data_section_args
 
     profile = active_profile()
     data = _merged_config(profile.configs(STUDENTS[REFERENCE_STUDENT][0]))["data"]
     overlay = log_dir / "validate_on_cache.yaml"
     log_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(overlay, yaml.safe_dump({"data": data}, sort_keys=False))
-    cache, couplings = _data_args({"data": data}), _merged_config([profile.config(COUPLINGS)])
-    reflow = _data_args(_merged_config(profile.configs(STUDENTS["reflow"][0])))
+    cache, couplings = (
+        data_section_args({"data": data}),
+        _merged_config([profile.config(COUPLINGS)]),
+    )
+    reflow = data_section_args(_merged_config(profile.configs(STUDENTS["reflow"][0])))
     size = read_manifest(profile.run_dir / "cache")["num_samples"]
     held_out = split_indices(size, cache["val_fraction"], cache.get("seed", 0))[1]
     n = min(int(couplings["num_samples"]), size)

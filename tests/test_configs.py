@@ -28,6 +28,7 @@ from fewstep.models.flux import Flux
 from fewstep.models.flux_layers import DoubleStreamBlock, SingleStreamBlock
 from fewstep.models.ladd_discriminator import FeatureDiscriminatorHeads
 from fewstep.models.vae import VAE
+from fewstep.tools.couplings import data_section_args
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # configs/model/dit/*.yaml are network presets, instantiated in tests/test_dit.py.
@@ -213,7 +214,7 @@ def teacher_args(path: Path, tmp_path: Path, cache: Path, vae_dir: Path) -> list
     model = (raw.get("model") or {}).get("init_args") or {}
     # a graft names a run's checkpoint; grafting is tested in tests/test_text_refiner.py
     graft = ["--model.init_args.init_weights=null"] if model.get("init_weights") else []
-    data = (raw.get("data") or {}).get("init_args") or {}
+    data = data_section_args(raw)
     # a recipe validating on its own cache (val_path) validates on the tiny cache here
     val = [f"--data.init_args.val_path={cache}"] if data.get("val_path") else []
     return [
