@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fewstep.models.attention import attention
 from fewstep.models.text_refiner import TextRefiner
 from fewstep.models.token_features import TokenFeatures
 
@@ -95,7 +95,7 @@ class SelfAttention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)  # [B,N,3,h,hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, N, hd]
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # [B, h, N, hd]
+        out = attention(self.q_norm(q), self.k_norm(k), v)  # [B, h, N, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # [B, h, N, hd] -> [B, N, D]
 
 
@@ -120,7 +120,7 @@ class CrossAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, hd]
         q, k = self.q_norm(q), self.k_norm(k)
         mask = None if bias is None else bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, N, hd]
+        out = attention(q, k, v, mask)  # [B, h, N, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # [B, h, N, hd] -> [B, N, D]
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewstep.models.attention import attention
 from fewstep.models.dit import TIMESTEP_FREQ_DIM, modulate
 
 ROPE_THETA = 10000.0  # RoPE base (FLUX.1 EmbedND theta; diffusers FluxPosEmbed)
@@ -77,7 +78,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
     """RoPE on q, k [B, H, S, hd], then SDPA with a key mask [B, 1, 1, S] -> [B, S, H*hd]."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, hd]
+    out = attention(q, k, v, mask)  # [B, H, S, hd]
     return out.transpose(1, 2).flatten(2)  # [B, S, H*hd]
 
 

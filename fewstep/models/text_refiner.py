@@ -15,8 +15,9 @@ DiT leaves its function unchanged until the refiner trains (a function-preservin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fewstep.models.attention import attention
 
 
 def alibi_bias(num_heads: int, length: int, device: torch.device | None = None) -> Tensor:
@@ -121,7 +122,7 @@ class RefinerBlock(nn.Module):
         qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, hd]
         mask = None if bias is None else bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
 
