@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-dev test lint demo demo-full demo-methods demo-gpu bench bench-teacher bench-memory clean
+.PHONY: install install-dev test lint demo demo-full demo-methods demo-gpu bench bench-teacher bench-cpu bench-memory clean
 
 install: $(VENV)/.installed  # what the pipeline needs (make demo)
 
@@ -53,6 +53,9 @@ bench: install
 
 bench-teacher: install  # needs a GPU: our DiT vs diffusers at PixArt-Σ XL/2 size
 	PY=$(PY) bash bench/gpu_teacher.sh
+
+bench-cpu: install  # CPU, ~1 min: the reference MMDiT's training steps/s, float32 vs bf16-mixed
+	$(PY) bench/bench_cpu_precision.py
 
 bench-memory: install  # CPU, seconds: FSDP memory per GPU (estimate) for the Flux-dev LoRA recipes
 	$(PY) bench/bench_fsdp_memory.py --network flux_dev --method lcm_lora --gpus 8 --px 1024 --batch 2
