@@ -69,12 +69,14 @@ def inputs(net: Flux, hw: tuple[int, int], batch: int = 3, length: int = 7) -> d
     )
 
 
-def diffusers_out(model: FluxTransformer2DModel, inp: dict, masked: bool = True) -> torch.Tensor:
+def diffusers_out(
+    model: FluxTransformer2DModel, inp: dict, masked: bool = True, text_positions: bool = False
+) -> torch.Tensor:
     """Diffusers' prediction as FluxPipeline calls it (packed latents, sigma as timestep, ids);
     a padded text goes in as a key mask over [text; image] through the attention kwargs."""
     x, text = inp["x"], inp["text"]
     b, _, h, w = x.shape
-    ids = position_ids(text.shape[1], h // 2, w // 2)
+    ids = position_ids(text.shape[1], h // 2, w // 2, text_positions=text_positions)
     kwargs = {}
     if masked:
         image = torch.ones(b, h * w // 4, dtype=torch.bool)
@@ -151,6 +153,37 @@ def test_parity_diffusers_to_ours(kwargs, hw, masked):
     assert net.config() == tiny(**kwargs).config()
     inp = inputs(net, hw)
     assert (ours_out(net, inp, masked) - diffusers_out(ref, inp, masked)).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_text_positions_match_diffusers_given_the_same_text_ids():
+    """Text token k at RoPE index k: diffusers' transformer fed txt_ids (k, 0, 0) is the
+    independent reference (its FluxPipeline passes zeros, so export refuses such a network)."""
+    net = tiny(guidance_embed=False, text_positions=True)
+    twin = tiny(guidance_embed=False)  # the same weights without text positions, to convert
+    twin.load_state_dict(net.state_dict())
+    ref, inp = to_diffusers(twin).eval(), inputs(net, (8, 8))
+    theirs = diffusers_out(ref, inp, text_positions=True)
+    assert (ours_out(net, inp) - theirs).abs().max() <= 1e-5
+    assert (ours_out(twin, inp) - theirs).abs().max() > 1e-3  # the ids do change the output
+    ids = position_ids(5, 2, 3, text_positions=True)
+    assert ids[:5].tolist() == [[float(k), 0.0, 0.0] for k in range(5)]
+    assert torch.equal(ids[5:], position_ids(5, 2, 3)[5:])  # image ids unchanged
+    with pytest.raises(ValueError, match=r"text_positions=True\) has no diffusers equivalent"):
+        to_diffusers(net)
+
+
+@torch.no_grad()
+def test_only_text_positions_let_the_image_see_word_order():
+    """FLUX.1's text ids are all 0, so the image stream is a function of the set of text
+    tokens: swapping two tokens changes nothing. With text positions it does."""
+    for text_positions in (False, True):
+        net = tiny(guidance_embed=False, text_positions=text_positions)
+        inp = inputs(net, (4, 4), batch=1)
+        inp["text_mask"] = None
+        swapped = dict(inp, text=inp["text"][:, [1, 0, *range(2, inp["text"].shape[1])]])
+        change = (ours_out(net, inp, masked=False) - ours_out(net, swapped, masked=False)).abs()
+        assert (change.max() > 1e-3) == text_positions, (text_positions, change.max())
 
 
 def test_state_dict_round_trip_is_exact():

@@ -56,9 +56,12 @@ class Flux(nn.Module):
         axes_dim: tuple[int, int, int] = (16, 56, 56),
         guidance_embed: bool = True,
         gradient_checkpointing: bool = False,
+        text_positions: bool = False,
     ) -> None:
         """``context_in_dim``: T5 width; ``vec_in_dim``: pooled CLIP width; ``axes_dim``: RoPE
-        channels of the (index, row, column) axes, summing to the head width."""
+        channels of the (index, row, column) axes, summing to the head width;
+        ``text_positions``: text token k at RoPE index k instead of 0 (see ``position_ids``; not
+        FLUX.1's, so such a network does not export to a diffusers FluxPipeline)."""
         super().__init__()
         _check_widths(hidden_size, num_heads, tuple(axes_dim))
         self._config = dict(
@@ -72,6 +75,7 @@ class Flux(nn.Module):
             axes_dim=tuple(axes_dim),
             guidance_embed=guidance_embed,
             gradient_checkpointing=gradient_checkpointing,
+            text_positions=text_positions,
         )
         self.in_channels = in_channels
         self.hidden_size = hidden_size
@@ -122,7 +126,8 @@ class Flux(nn.Module):
         key = (text_len, grid_h, grid_w, str(device))
         if key not in self._rope_cache:
             with torch.inference_mode(False):  # normal tensors, reusable outside inference mode
-                angles = rope_angles(position_ids(text_len, grid_h, grid_w, device), self.axes_dim)
+                ids = position_ids(text_len, grid_h, grid_w, device, self._config["text_positions"])
+                angles = rope_angles(ids, self.axes_dim)
                 self._rope_cache[key] = (angles.cos().float(), angles.sin().float())
         return self._rope_cache[key]
 

@@ -144,6 +144,11 @@ def state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def diffusers_config(flux: Flux) -> dict[str, Any]:
     """The ``FluxTransformer2DModel`` config of a Flux."""
     c = flux.config()
+    if c.get("text_positions"):
+        raise ValueError(
+            "Flux(text_positions=True) has no diffusers equivalent: FluxPipeline gives every text "
+            "token the RoPE id 0. Train with text_positions=false to export to diffusers."
+        )
     return dict(
         patch_size=1,
         in_channels=c["in_channels"] * PACK * PACK,

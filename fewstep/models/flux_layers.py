@@ -41,14 +41,22 @@ def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
 
 
 def position_ids(
-    text_len: int, grid_h: int, grid_w: int, device: torch.device | None = None
+    text_len: int,
+    grid_h: int,
+    grid_w: int,
+    device: torch.device | None = None,
+    text_positions: bool = False,
 ) -> Tensor:
     """RoPE ids [L + h*w, 3]: text tokens at (0, 0, 0), image token (i, j) at (0, i, j)
-    (FLUX.1 sampling.prepare; FluxPipeline's txt_ids and _prepare_latent_image_ids)."""
+    (FLUX.1 sampling.prepare; FluxPipeline's txt_ids and _prepare_latent_image_ids). With
+    ``text_positions`` text token k sits at (k, 0, 0): joint attention then sees word order on
+    the index axis (FLUX.1 leaves order to T5; a small encoder's tokens carry little of it)."""
     img = torch.zeros(grid_h, grid_w, 3, device=device)
     img[..., 1] = torch.arange(grid_h, device=device)[:, None]
     img[..., 2] = torch.arange(grid_w, device=device)[None, :]
     txt = torch.zeros(text_len, 3, device=device)
+    if text_positions:
+        txt[:, 0] = torch.arange(text_len, device=device)
     return torch.cat([txt, img.reshape(grid_h * grid_w, 3)], dim=0)  # [L + N, 3]
 
 
