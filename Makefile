@@ -54,8 +54,8 @@ bench: install
 bench-teacher: install  # needs a GPU: our DiT vs diffusers at PixArt-Σ XL/2 size
 	PY=$(PY) bash bench/gpu_teacher.sh
 
-bench-cpu: install  # CPU, ~1 min: the reference MMDiT's training steps/s, float32 vs bf16-mixed
-	$(PY) bench/bench_cpu_precision.py
+bench-cpu: install  # CPU, ~4 min: the reference MMDiT training steps/s, float32 vs bf16-mixed (eager, compiled)
+	$(PY) bench/bench_cpu_precision.py --compile
 
 bench-memory: install  # CPU, seconds: FSDP memory per GPU (estimate) for the Flux-dev LoRA recipes
 	$(PY) bench/bench_fsdp_memory.py --network flux_dev --method lcm_lora --gpus 8 --px 1024 --batch 2

@@ -6,8 +6,10 @@ forward + MSE + backward + AdamW of the network a teacher recipe names (default:
 MMDiT of ``configs/teacher/shapes_reference_flux.yaml``) on random latents and text of the
 recipe's shapes, median of ``--steps`` after ``--warmup``; it prints steps/s and the ratio to
 float32. On AMX CPUs (Sapphire Rapids on) bf16 linears run ~10x faster than float32.
+``--compile`` adds bf16-mixed with the network compiled (``nn.Module.compile``, as the teacher
+module's ``compile: true``; its warm-up includes ~2 min of compiling).
 
-    python bench/bench_cpu_precision.py [--threads 2] [--batch 32] [--steps 10]
+    python bench/bench_cpu_precision.py [--threads 2] [--batch 32] [--steps 10] [--compile]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ REFERENCE_MMDIT = dict(  # configs/teacher/flux_shapes.yaml + shapes_reference_f
 )  # fmt: skip
 LATENT, TEXT_LEN = 16, 24  # 64 px through the 4x VAE; MiniLM tokens of a shapes caption
 CASES = ("float32", "bf16-mixed", "bf16-mixed, bf16 attention")
+COMPILED = "bf16-mixed, compiled"
 
 
 @contextlib.contextmanager
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help=f"add the case {COMPILED!r}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -80,8 +84,10 @@ def main() -> None:
     print(f"reference MMDiT ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params), "
           f"batch {args.batch}, {args.threads} threads, median of {args.steps} steps")  # fmt: skip
     baseline = None
-    for case in CASES:
+    for case in (*CASES, COMPILED) if args.compile else CASES:
         patch = bf16_attention() if case.endswith("bf16 attention") else contextlib.nullcontext()
+        if case == COMPILED:
+            net.compile()
         with patch:
             seconds = step_seconds(net, args.batch, case != "float32", args.steps, args.warmup)
         baseline = baseline or seconds

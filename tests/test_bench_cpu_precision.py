@@ -2,7 +2,6 @@
 step runs in every case."""
 
 import torch
-
 from bench_scripts import forget_bench, load_bench
 
 
