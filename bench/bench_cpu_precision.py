@@ -2,9 +2,9 @@
 float32 (the baseline), bf16-mixed as Lightning runs it (bf16 autocast, float32 weights) with
 fewstep's float32 attention (``fewstep.models.attention``), and bf16-mixed with attention left
 in bf16 (``F.scaled_dot_product_attention`` under autocast, what it replaced). Each case times
-forward + MSE + backward + AdamW of the network a teacher recipe names (default: the reference
-MMDiT of ``configs/teacher/shapes_reference_flux.yaml``) on random latents and text of the
-recipe's shapes, median of ``--steps`` after ``--warmup``; it prints steps/s and the ratio to
+forward + MSE + backward + AdamW of the reference MMDiT (the network of
+``configs/teacher/shapes_reference_flux.yaml``) on random latents and text of that recipe's
+shapes, median of ``--steps`` after ``--warmup``; it prints steps/s and the ratio to
 float32. On AMX CPUs (Sapphire Rapids on) bf16 linears run ~10x faster than float32.
 ``--compile`` adds bf16-mixed with the network compiled (``nn.Module.compile``, as the teacher
 module's ``compile: true``; its warm-up includes ~2 min of compiling).
